@@ -1,0 +1,122 @@
+"""``FlatBucket``: parameters, gradients and optimizer state of one layout as flat 1-D buffers."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .layout import BucketLayout, Segment
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch stores ``step`` in float64 when that is the default dtype, else in float32.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class FlatBucket:
+    """One bucket's storage, materialised from its ``BucketLayout``.
+
+    On construction every parameter's ``.data`` is re-pointed to a view of ``flat_param`` (the
+    ``nn.Parameter`` objects themselves stay the same) and a post-accumulate-grad hook moves a freshly
+    allocated gradient into its view of ``flat_grad`` as soon as autograd produces it, so ``step()``
+    finds the whole bucket's gradient in one tensor. A gradient that is already that view (accumulated
+    in place, or kept by ``zero_grad(set_to_none=False)``) costs nothing.
+
+    Optimizer state covers only this rank's shard: ``state[name]`` is a 1-D tensor of
+    ``layout.shard_numel`` elements. ``steps`` counts each parameter's updates.
+    """
+
+    def __init__(self, layout: BucketLayout, params: Sequence[Tensor], rank: int = 0) -> None:
+        self.layout = layout
+        self.params = list(params)
+        kwargs = {"dtype": layout.dtype, "device": layout.device}
+        self.flat_param = torch.zeros(layout.numel, **kwargs)
+        self.flat_grad = torch.zeros(layout.numel, **kwargs)
+        lo, hi = layout.shard_range(rank)
+        self.shard_param = self.flat_param[lo:hi]
+        self.shard_grad = self.flat_grad[lo:hi]
+        self.segments: tuple[Segment, ...] = layout.segments(rank)
+        self._segment_by_slot = {segment.slot: segment for segment in self.segments}
+        self.state: dict[str, Tensor] = {}
+        self.steps = [0] * len(layout.slots)
+        self.step_tensor = torch.zeros(len(layout.slots), dtype=_scalar_dtype(), device=layout.device)
+        self.grad_views: list[Tensor] = []
+
+        with torch.no_grad():
+            for slot, param in zip(layout.slots, self.params):
+                view = self.flat_param[slot.offset : slot.end]
+                view.copy_(param.detach().reshape(-1))
+                param.data = view.view(slot.shape)
+                grad_view = self.flat_grad[slot.offset : slot.end].view(slot.shape)
+                self.grad_views.append(grad_view)
+                if param.grad is not None:
+                    grad_view.copy_(param.grad)
+                    param.grad = grad_view
+
+        handles = [
+            param.register_post_accumulate_grad_hook(_grad_adopter(weakref.ref(self), position))
+            for position, param in enumerate(self.params)
+        ]
+        weakref.finalize(self, _remove_hooks, handles)
+
+    def adopt_grad(self, position: int) -> bool:
+        """Make the parameter's ``.grad`` its view of ``flat_grad``; return whether it has a gradient."""
+        param, view = self.params[position], self.grad_views[position]
+        grad = param.grad
+        if grad is None:
+            return False
+        if grad is not view:
+            view.copy_(grad)
+            param.grad = view
+        return True
+
+    def collect_grads(self) -> list[int]:
+        """Positions of the parameters that have a gradient, each now held in ``flat_grad``."""
+        return [position for position in range(len(self.params)) if self.adopt_grad(position)]
+
+    def ensure_state(self, initial: dict[str, float]) -> None:
+        """Allocate the named state tensors that do not exist yet, each filled with its initial value."""
+        for name, value in initial.items():
+            if name not in self.state:
+                self.state[name] = torch.full(
+                    (self.layout.shard_numel,), value, dtype=self.layout.dtype, device=self.layout.device
+                )
+
+    def reset_slot(self, position: int, initial: dict[str, float]) -> None:
+        """Forget a parameter's state: its step count and its part of every state tensor."""
+        self.steps[position] = 0
+        self.step_tensor[position] = 0
+        segment = self.segment_of(position)
+        if segment is not None:
+            for name, value in initial.items():
+                self.state[name][segment.start : segment.stop].fill_(value)
+
+    def segment_of(self, position: int) -> Segment | None:
+        """The part of parameter ``position`` this rank owns, or None."""
+        return self._segment_by_slot.get(position)
+
+    def state_view(self, name: str, position: int) -> Tensor | None:
+        """The owned part of one parameter's state tensor: shaped like the parameter when whole."""
+        segment = self.segment_of(position)
+        if segment is None:
+            return None
+        view = self.state[name][segment.start : segment.stop]
+        shape = self.layout.slots[position].shape
+        return view.view(shape) if segment.numel == self.layout.slots[position].numel else view
+
+
+def _grad_adopter(bucket_ref: weakref.ref[FlatBucket], position: int):
+    def adopt(param: Tensor) -> None:
+        bucket = bucket_ref()
+        if bucket is not None:
+            bucket.adopt_grad(position)
+
+    return adopt
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()

@@ -1,0 +1,52 @@
+"""``UpdateRule``: an algorithm as the base optimizer sees it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .hparams import Check
+
+
+class GroupView:
+    """Attribute access to a param group's hyper-parameters: ``h.lr`` reads ``group["lr"]``."""
+
+    __slots__ = ("_group",)
+
+    def __init__(self, group: Mapping[str, Any]) -> None:
+        self._group = group
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._group[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def _no_scalars(h: GroupView, step: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """Everything the base optimizer needs to run one algorithm on flat buckets.
+
+    ``update(p, g, s, h, c)`` is the algorithm's math, written once against the Tensor API: ``p`` and
+    ``g`` are a parameter and its gradient, ``s`` a namespace of state tensors named as in torch,
+    ``h`` the group's hyper-parameters (a ``GroupView``) and ``c`` the per-step scalars returned by
+    ``scalars(h, step)``. ``p``, ``g`` and ``s.*`` may be single tensors (one parameter or a whole flat
+    shard) or ``TensorList``s; the math must not care which.
+
+    ``state(h)`` names the per-element state tensors and the value each starts at. ``fused``, when
+    given, is a kernel taking lists: ``fused(params, grads, states, steps, h, step)`` where ``states``
+    maps each state name to a list and ``steps`` holds 0-D step tensors already incremented.
+    """
+
+    checks: tuple[Check, ...]
+    state: Callable[[GroupView], dict[str, float]]
+    update: Callable[..., None]
+    scalars: Callable[[GroupView, int], Any] = _no_scalars
+    fused: Callable[..., None] | None = None
+    #: torch keeps a per-parameter ``step`` tensor in this algorithm's state.
+    step_in_state: bool = True
