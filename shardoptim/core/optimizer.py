@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .bucket import FlatBucket
 from .comm import Comm, LocalComm
+from .compiled import CompiledUpdate
 from .dispatch import Implementation, check_flags, resolve_implementation
 from .hparams import validate
 from .layout import ParamSpec, plan_buckets
@@ -123,6 +124,8 @@ class Optimizer(torch.optim.Optimizer):
             self._run(bucket, implementation, [bucket.shard_param], [bucket.shard_grad], states,
                       [bucket.step_tensor[0]], h, step)
             return
+        if implementation is Implementation.FUSED and isinstance(self.rule.fused, CompiledUpdate):
+            implementation = Implementation.FOREACH  # see CompiledUpdate: compiled for whole shards only
         by_step: dict[int, list[int]] = defaultdict(list)
         for position in positions:
             if bucket.segment_of(position) is not None:
