@@ -28,12 +28,6 @@ def _unwrap(value: Any) -> Any:
     return value.tensors if isinstance(value, TensorList) else value
 
 
-def _wrap(result: Any, inplace_of: TensorList) -> Any:
-    if result is None:
-        return inplace_of
-    if isinstance(result, (list, tuple)) and result and isinstance(result[0], Tensor):
-        return TensorList(result)
-    return result
 
 
 class TensorList:
@@ -61,10 +55,12 @@ class TensorList:
         return f"TensorList({len(self.tensors)} tensors)"
 
     def __getattr__(self, name: str) -> Any:
+        in_place = name.endswith("_")
         kernel = _FOREACH.get(name)
         if kernel is not None:
             def call(*args: Any, **kwargs: Any) -> Any:
-                return _wrap(kernel(self.tensors, *map(_unwrap, args), **kwargs), self)
+                result = kernel(self.tensors, *map(_unwrap, args), **kwargs)
+                return self if in_place else TensorList(result)
         else:
             if not hasattr(Tensor, name):
                 raise AttributeError(name)
@@ -74,7 +70,7 @@ class TensorList:
                     getattr(t, name)(*(a[i] if isinstance(a, TensorList) else a for a in args), **kwargs)
                     for i, t in enumerate(self.tensors)
                 ]
-                return self if name.endswith("_") else TensorList(per_tensor)
+                return self if in_place else TensorList(per_tensor)
         return call
 
     def __neg__(self) -> TensorList:

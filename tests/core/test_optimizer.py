@@ -1,0 +1,260 @@
+"""The torch.optim.Optimizer contract of shardoptim.Optimizer, with torch.optim as the oracle."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+import shardoptim
+from tests.oracle import make_params
+
+
+def _raises_like_torch(build):
+    """``build(module)`` must raise in torch.optim and in shardoptim with the same type and message."""
+    with pytest.raises(Exception) as theirs:
+        build(torch.optim)
+    with pytest.raises(theirs.type, match=re.escape(str(theirs.value))):
+        build(shardoptim)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        lambda ps: [{"params": set(ps)}],
+        lambda ps: [],
+        lambda ps: ps[0],
+        lambda ps: [ps[0], ps[0] * 2],
+        lambda ps: [{"params": ps[:2]}, {"params": ps[1:]}],
+        lambda ps: [{"lr": 0.1}],
+        lambda ps: [1.0, 2.0],
+        lambda ps: [("a", ps[0]), ps[1]],
+    ],
+    ids=["set", "empty", "tensor", "non-leaf", "shared-across-groups", "group-without-params", "numbers",
+         "names-mixed"],
+)
+def test_construction_errors_match_torch(params):
+    _raises_like_torch(lambda module: module.Adam(params(make_params())))
+
+
+def test_constructs_from_tensors_names_and_groups_like_torch():
+    inputs = [
+        lambda ps: ps,
+        lambda ps: iter(ps),
+        lambda ps: [(f"p{i}", p) for i, p in enumerate(ps)],
+        lambda ps: [{"params": ps[:2], "lr": 0.5}, {"params": ps[2:], "betas": (0.5, 0.6)}],
+        lambda ps: [{"params": [(f"p{i}", p) for i, p in enumerate(ps[:3])]}, {"params": [("q", ps[3])]}],
+    ]
+    for build in inputs:
+        ours = shardoptim.Adam(build(make_params()), lr=0.01)
+        theirs = torch.optim.Adam(build(make_params()), lr=0.01)
+        assert len(ours.param_groups) == len(theirs.param_groups)
+        for a, b in zip(ours.param_groups, theirs.param_groups):
+            assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
+        assert ours.defaults == theirs.defaults
+        assert ours.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
+
+
+def test_duplicate_parameters_warn_like_torch():
+    params = make_params()
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        torch.optim.SGD([params[0], params[0]], lr=0.1)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        shardoptim.SGD([params[0], params[0]], lr=0.1)
+
+
+def test_is_a_torch_optimizer():
+    assert isinstance(shardoptim.Adam(make_params()), torch.optim.Optimizer)
+
+
+def test_parameters_keep_identity_and_values_and_live_in_the_flat_buffer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    before = [(p, p.detach().clone()) for p in model.parameters()]
+    opt = shardoptim.SGD(model.parameters(), lr=0.1)
+    (bucket,) = opt.buckets
+    for (param, value), after in zip(before, model.parameters()):
+        assert param is after
+        assert torch.equal(param, value)
+        assert param.untyped_storage().data_ptr() == bucket.flat_param.untyped_storage().data_ptr()
+    bucket.flat_param.add_(1.0)
+    for param, value in before:
+        assert torch.equal(param, value + 1.0), "parameters must see updates of the flat buffer"
+
+
+def test_gradients_land_in_the_flat_buffer_without_copies_when_kept():
+    model = torch.nn.Linear(4, 3)
+    opt = shardoptim.Adam(model.parameters())
+    (bucket,) = opt.buckets
+    x = torch.randn(5, 4)
+    model(x).sum().backward()  # first gradient: moved into the flat buffer by the hook
+    grads = [p.grad for p in model.parameters()]
+    assert all(g.untyped_storage().data_ptr() == bucket.flat_grad.untyped_storage().data_ptr() for g in grads)
+    opt.zero_grad(set_to_none=False)
+    model(x).sum().backward()
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads)), "accumulation must stay in place"
+    reference = torch.nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    reference(x).sum().backward()
+    for p, r in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, r.grad)
+
+
+def test_gradient_accumulation_across_backward_calls_matches_torch():
+    ours_model, torch_model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    torch_model.load_state_dict(ours_model.state_dict())
+    ours, theirs = shardoptim.SGD(ours_model.parameters(), lr=0.1), torch.optim.SGD(torch_model.parameters(), lr=0.1)
+    for step in range(3):
+        for model, opt in ((ours_model, ours), (torch_model, theirs)):
+            opt.zero_grad()
+            for micro in range(3):
+                model(torch.full((2, 3), float(micro + step))).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(ours_model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_matches_torch(set_to_none):
+    for module in (torch.optim, shardoptim):
+        params = make_params()
+        opt = module.Adam(params)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+        if set_to_none:
+            assert all(p.grad is None for p in params)
+        else:
+            assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+
+
+def test_step_returns_closure_loss_and_runs_closure_with_grad_enabled():
+    params = make_params()
+    opt = shardoptim.SGD(params, lr=0.1)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        loss = sum((p**2).sum() for p in params)
+        opt.zero_grad()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.item() > 0
+    assert opt.step() is None
+
+
+def test_step_and_state_dict_hooks_behave_as_torch():
+    for module in (torch.optim, shardoptim):
+        params = make_params()
+        opt = module.Adam(params)
+        calls = []
+        handles = [
+            opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre")),
+            opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post")),
+            opt.register_state_dict_pre_hook(lambda o: calls.append("sd-pre")),
+            opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1}),
+            opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load-pre")),
+            opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post")),
+        ]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        saved = opt.state_dict()
+        opt.load_state_dict(saved)
+        assert calls == ["pre", "post", "sd-pre", "load-pre", "load-post"], module
+        assert saved["extra"] == 1
+        for handle in handles:
+            handle.remove()
+        opt.step()
+        assert len(calls) == 5
+
+
+def test_state_is_keyed_by_parameter_and_shaped_like_it():
+    params = make_params()
+    opt = shardoptim.Adam(params, amsgrad=True)
+    assert len(opt.state) == 0
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for p in params:
+        entry = opt.state[p]
+        assert set(entry) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        assert entry["step"].shape == () and entry["step"].item() == 1.0
+        assert all(entry[k].shape == p.shape for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+
+
+def _trained_adam():
+    params = make_params()
+    opt = shardoptim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.01)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda sd: sd["param_groups"].pop(),
+        lambda sd: sd["param_groups"][0]["params"].pop(),
+        lambda sd: sd["state"][0].__setitem__("exp_avg", torch.zeros(3)),
+        lambda sd: sd["state"][4].__setitem__("exp_avg_sq", torch.zeros(34)),
+        lambda sd: sd["state"][2].__setitem__("momentum_buffer", torch.zeros(3, 4, 2)),
+        lambda sd: sd["param_groups"][1].__setitem__("lr", -1.0),
+    ],
+    ids=["group-count", "group-size", "state-size", "last-state-size", "unknown-state", "invalid-lr"],
+)
+def test_failed_load_state_dict_raises_and_changes_nothing(corrupt):
+    params, opt = _trained_adam()
+    good = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(good)
+    bad["state"][0]["exp_avg"].fill_(123.0)
+    bad["param_groups"][0]["lr"] = 0.5
+    corrupt(bad)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"] == good["param_groups"]
+    for index, entry in good["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["state"][index][key], value)
+
+
+def test_repr_names_the_algorithm_buckets_and_hyperparameters():
+    text = repr(shardoptim.AdamW(make_params(), lr=0.25))
+    assert text.startswith("AdamW [1 flat buckets")
+    assert "Parameter Group 0" in text and "lr: 0.25" in text
+
+
+def test_mixed_dtypes_get_one_bucket_each_and_step_like_torch():
+    def build(module):
+        params = make_params() + make_params(torch.float64, seed=1)
+        return params, module.Adam(params, lr=0.05)
+
+    ours_params, ours = build(shardoptim)
+    torch_params, theirs = build(torch.optim)
+    assert len(ours.buckets) == 2
+    for _ in range(5):
+        for a, b in zip(ours_params, torch_params):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for a, b in zip(ours_params, torch_params):
+        torch.testing.assert_close(a, b)
+
+
+def test_state_dict_saved_with_torch_save_loads_without_pickled_objects(tmp_path):
+    params, opt = _trained_adam()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    fresh = shardoptim.Adam([{"params": [torch.nn.Parameter(p.detach().clone()) for p in params[:2]]},
+                             {"params": [torch.nn.Parameter(p.detach().clone()) for p in params[2:]]}], lr=0.01)
+    fresh.load_state_dict(loaded)
+    for index, entry in opt.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(fresh.state_dict()["state"][index][key], value)
