@@ -1,7 +1,12 @@
 """shardoptim: torch.optim's algorithms on flat buckets, sharded across ranks when asked."""
 
-from .algorithms import SGD, Adam, AdamW
+from .algorithms import (
+    ASGD, LBFGS, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop, Rprop, SparseAdam,
+)
 from .core import Optimizer
 
-__all__ = ["SGD", "Adam", "AdamW", "Optimizer"]
+__all__ = [
+    "SGD", "Adam", "AdamW", "Adadelta", "Adagrad", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop",
+    "LBFGS", "SparseAdam", "Optimizer",
+]
 __version__ = "0.1.0"

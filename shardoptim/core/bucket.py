@@ -26,7 +26,9 @@ class FlatBucket:
     in place, or kept by ``zero_grad(set_to_none=False)``) costs nothing.
 
     Optimizer state covers only this rank's shard: ``state[name]`` is a 1-D tensor of
-    ``layout.shard_numel`` elements. ``steps`` counts each parameter's updates.
+    ``layout.shard_numel`` elements; a complex state starts at ``complex(v, v)`` for an initial value
+    ``v``, as torch fills it. ``steps`` counts each parameter's updates; ``scalar_state[name]`` holds one
+    value per parameter (see ``UpdateRule.scalar_state``).
     """
 
     def __init__(self, layout: BucketLayout, params: Sequence[Tensor], rank: int = 0) -> None:
@@ -43,6 +45,7 @@ class FlatBucket:
         self.state: dict[str, Tensor] = {}
         self.steps = [0] * len(layout.slots)
         self.step_tensor = torch.zeros(len(layout.slots), dtype=_scalar_dtype(), device=layout.device)
+        self.scalar_state: dict[str, Tensor] = {}
         self.grad_views: list[Tensor] = []
 
         with torch.no_grad():
@@ -77,12 +80,23 @@ class FlatBucket:
         """Positions of the parameters that have a gradient, each now held in ``flat_grad``."""
         return [position for position in range(len(self.params)) if self.adopt_grad(position)]
 
+    def zero_missing_grads(self, positions: list[int]) -> None:
+        """Zero the ``flat_grad`` view of every parameter not in ``positions`` (those without a gradient).
+
+        Such views may still hold an old gradient; a collective over the whole flat buffer must see zeros.
+        """
+        present = set(positions)
+        for position, view in enumerate(self.grad_views):
+            if position not in present:
+                view.zero_()
+
     def ensure_state(self, initial: dict[str, float]) -> None:
         """Allocate the named state tensors that do not exist yet, each filled with its initial value."""
         for name, value in initial.items():
             if name not in self.state:
                 self.state[name] = torch.full(
-                    (self.layout.shard_numel,), value, dtype=self.layout.dtype, device=self.layout.device
+                    (self.layout.shard_numel,), self._fill(value), dtype=self.layout.dtype,
+                    device=self.layout.device,
                 )
 
     def reset_slot(self, position: int, initial: dict[str, float]) -> None:
@@ -92,7 +106,21 @@ class FlatBucket:
         segment = self.segment_of(position)
         if segment is not None:
             for name, value in initial.items():
-                self.state[name][segment.start : segment.stop].fill_(value)
+                self.state[name][segment.start : segment.stop].fill_(self._fill(value))
+
+    def set_scalar_state(self, positions: Sequence[int], values: dict[str, float]) -> None:
+        """Set per-parameter scalars of ``positions``; each name is allocated like ``step_tensor`` on first use."""
+        for name, value in values.items():
+            tensor = self.scalar_state.get(name)
+            if tensor is None:
+                tensor = self.scalar_state[name] = torch.zeros_like(self.step_tensor)
+            if len(positions) == len(self.steps):
+                tensor.fill_(value)
+            else:
+                tensor[list(positions)] = value
+
+    def _fill(self, value: float) -> float | complex:
+        return complex(value, value) if self.layout.dtype.is_complex else value
 
     def segment_of(self, position: int) -> Segment | None:
         """The part of parameter ``position`` this rank owns, or None."""
@@ -111,7 +139,9 @@ class FlatBucket:
 def _grad_adopter(bucket_ref: weakref.ref[FlatBucket], position: int):
     def adopt(param: Tensor) -> None:
         bucket = bucket_ref()
-        if bucket is not None:
+        # A sparse gradient is left as autograd made it (a dense buffer cannot take it in place): whether
+        # to densify it or reject it is the algorithm's call at step() (torch's LBFGS densifies it).
+        if bucket is not None and not param.grad.is_sparse:
             bucket.adopt_grad(position)
 
     return adopt

@@ -45,6 +45,7 @@ class CompiledUpdate:
         self._scalars = scalars
         self._kernel: Callable[..., None] | None = None
         self._eager = False
+        self._warned = False
         self._scalar_tensors: dict[tuple[torch.device, torch.dtype, str], Tensor] = {}
 
     def __call__(
@@ -55,22 +56,27 @@ class CompiledUpdate:
         steps: list[Tensor],
         h: GroupView,
         step: int,
+        **scalar_state: float,
     ) -> None:
-        c = self._scalars(h, step)
+        c = self._scalars(h, step, **scalar_state)
         if not self._eager:
             try:
                 self._run_compiled(params, grads, states, h, c)
                 return
-            except Exception as error:  # noqa: BLE001 - any compiler failure falls back, as documented
-                if not _is_compiler_failure(error):
+            except Exception as error:  # noqa: BLE001 - compiler failures fall back, as documented
+                if _is_recompile_limit(error):
+                    # Too many distinct flag/constant sets for one update: the graphs already compiled
+                    # keep serving their groups, this one runs eagerly.
+                    self._warn_once(
+                        f"torch.compile reached its recompile limit ({error}); "
+                        f"this param group's update runs eagerly"
+                    )
+                elif _is_compiler_failure(error):
+                    self._eager = True
+                    self._warn_once(f"torch.compile failed ({type(error).__name__}: {error}); "
+                                    f"shardoptim runs the foreach implementation instead")
+                else:
                     raise
-                self._eager = True
-                warnings.warn(
-                    f"torch.compile failed ({type(error).__name__}: {error}); "
-                    f"shardoptim runs the foreach implementation instead",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
         s = types.SimpleNamespace(**{name: TensorList(tensors) for name, tensors in states.items()})
         self._update(TensorList(params), TensorList(grads), s, h, c)
 
@@ -88,6 +94,11 @@ class CompiledUpdate:
             s = types.SimpleNamespace(**{name: tensors[i] for name, tensors in states.items()})
             self._kernel(p, g, s, frozen_h, tensor_c)
 
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
     def _as_tensor(self, name: str, value: Any, device: torch.device, dtype: torch.dtype) -> Any:
         """Numbers become reused 0-D tensors refilled in place; flags stay Python values."""
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -97,6 +108,13 @@ class CompiledUpdate:
         if tensor is None:
             tensor = self._scalar_tensors[key] = torch.empty((), device=device, dtype=dtype)
         return tensor.fill_(value)
+
+
+def _is_recompile_limit(error: Exception) -> bool:
+    import torch._dynamo.exc
+
+    limit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None)
+    return limit is not None and isinstance(error, limit)
 
 
 def _is_compiler_failure(error: Exception) -> bool:

@@ -11,11 +11,14 @@ import torch
 from torch import Tensor
 
 from .bucket import FlatBucket
+from .clip import clip_grad_norm
 from .comm import Comm, LocalComm
 from .compiled import CompiledUpdate
 from .dispatch import Implementation, check_flags, resolve_implementation
-from .hparams import validate
-from .layout import ParamSpec, plan_buckets
+from .distributed import distributed_comm
+from .gather import gather_full_state
+from .hparams import Check, validate
+from .layout import BucketLayout, ParamSpec, plan_buckets
 from .rule import GroupView, UpdateRule
 from .tensorlist import TensorList
 
@@ -32,12 +35,31 @@ class Optimizer(torch.optim.Optimizer):
     ``state[p]`` entries are views into the buckets' flat state.
 
     Args beyond torch's:
-        process_group: ``None`` runs unsharded; a process group shards each bucket across its ranks.
+        process_group: ``None`` runs unsharded; a process group shards each bucket across its ranks
+            (see ``docs/distributed.md``). Every rank must then construct the optimizer with the same
+            parameters in the same order (checked: a mismatch raises ``ValueError`` on every rank), and
+            ``step()``, ``clip_grad_norm_()``, ``state_dict()`` and ``add_param_group()`` become
+            collective calls.
         reduce_grads: average gradients across ranks in ``step()``; ``False`` when they already are
             (DDP, or a manual all-reduce).
+
+    Sharded, a parameter is updated when it has a gradient on any rank; a rank where its ``.grad`` is
+    None contributes zeros to the average, as DDP does for a parameter a rank's forward did not use.
+    ``state[p]`` holds only the part of ``p``'s state this rank owns (1-D when it owns part of ``p``,
+    absent when none); ``state_dict()`` gathers the full one.
+
+    Algorithms that are not an elementwise update (LBFGS, SparseAdam) set ``rule = None`` and
+    ``checks`` (their hyper-parameter checks) instead, override ``step()``, and keep torch's own
+    per-parameter ``state`` (lists, Python numbers), which ``load_state_dict`` then loads as torch does.
+    They may override ``_plan_buckets`` to pack their parameters differently, or not at all.
     """
 
-    rule: ClassVar[UpdateRule]
+    rule: ClassVar[UpdateRule | None]
+    #: The hyper-parameter checks of an algorithm without a ``rule`` (a rule carries its own).
+    checks: ClassVar[tuple[Check, ...]] = ()
+    #: False for algorithms that need whole tensors (LBFGS, SparseAdam): with a process group they run
+    #: replicated, every rank averaging the gradients and applying the same update.
+    shardable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -47,11 +69,18 @@ class Optimizer(torch.optim.Optimizer):
         process_group: Any = None,
         reduce_grads: bool = True,
     ) -> None:
-        self._comm: Comm = LocalComm() if process_group is None else _distributed_comm(process_group)
+        self._comm: Comm = (
+            LocalComm() if process_group is None else distributed_comm(process_group, sharded=self.shardable)
+        )
         self.reduce_grads = reduce_grads
         self._buckets: list[FlatBucket] = []
         self._param_count = 0
+        # Per bucket, the positions whose gradients clip_grad_norm_ already collected and averaged.
+        self._prepared_grads: list[list[int]] | None = None
+        self._constructed = False
         super().__init__(params, defaults)
+        self._check_same_params(self.param_groups)
+        self._constructed = True
 
     @property
     def buckets(self) -> tuple[FlatBucket, ...]:
@@ -65,8 +94,9 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            validate(group, self.rule.checks)
-            check_flags(group, has_fused=self.rule.fused is not None)
+            self._check_group(group)
+            if self._constructed:
+                self._check_same_params([group])
         except Exception:
             self.param_groups.pop()
             raise
@@ -74,10 +104,22 @@ class Optimizer(torch.optim.Optimizer):
         params = group["params"]
         specs = [ParamSpec.of(p, self._param_count + i, index) for i, p in enumerate(params)]
         by_index = {spec.index: p for spec, p in zip(specs, params)}
-        for layout in plan_buckets(specs, world_size=self._comm.world_size):
+        for layout in self._plan_buckets(specs):
             members = [by_index[slot.index] for slot in layout.slots]
             self._buckets.append(FlatBucket(layout, members, rank=self._comm.rank))
         self._param_count += len(params)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise torch's error for an invalid hyper-parameter or flag of ``group``."""
+        if self.rule is None:
+            validate(group, self.checks)
+            return
+        validate(group, self.rule.checks)
+        check_flags(group, has_fused=self.rule.fused is not None)
+
+    def _plan_buckets(self, specs: Sequence[ParamSpec]) -> tuple[BucketLayout, ...]:
+        """The flat buckets of one new param group's parameters."""
+        return plan_buckets(specs, world_size=self._comm.world_size, bucket_cap_numel=self._comm.bucket_cap_numel)
 
     # -- step -----------------------------------------------------------------------------------
 
@@ -88,14 +130,58 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        ready = [bucket.collect_grads() for bucket in self._buckets]
-        if self.reduce_grads:
-            self._comm.average_grads(self._buckets)
-        for bucket, positions in zip(self._buckets, ready):
-            if positions:
-                self._update_bucket(bucket, positions)
-        self._comm.gather_params(self._buckets)
+        if self._prepared_grads is not None:
+            ready, average, self._prepared_grads = self._prepared_grads, False, None
+        else:
+            ready, average = self._collect_grads(), self.reduce_grads
+        # Sharded: gradient averaging, the update of the own shard and the parameter gather, pipelined
+        # over buckets. Unsharded: just the buckets that have gradients.
+        for bucket, positions in self._comm.update_pipeline(self._buckets, ready, average_grads=average):
+            self._update_bucket(bucket, positions)
         return loss
+
+    def _check_same_params(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Fail on every rank, before any other collective, when ranks were given different parameters."""
+        if isinstance(self._comm, LocalComm):
+            return
+        params = [p for group in groups for p in group["params"]]
+        signature = "|".join(
+            [type(self).__name__]
+            + [",".join(f"{tuple(p.shape)}:{p.dtype}:{p.device.type}" for p in group["params"]) for group in groups]
+        )
+        self._comm.check_same_params(signature, [len(groups), len(params), sum(p.numel() for p in params)])
+
+    def _collect_grads(self) -> list[list[int]]:
+        """Per bucket, the positions with a gradient (on any rank), each gradient now in ``flat_grad``."""
+        return self._comm.agree_on_grads(self._buckets, [bucket.collect_grads() for bucket in self._buckets])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._prepared_grads = None
+        super().zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+        """Clip the gradients of all this optimizer's parameters by their global norm; return that norm.
+
+        Equal (within float rounding) to ``torch.nn.utils.clip_grad_norm_`` over all the parameters of
+        the unsharded model, including ``norm_type=inf``; ``norm_type`` must be positive or inf. Call it
+        between ``backward()`` and ``step()``.
+
+        Sharded, this is a collective call: it averages the gradients now (``step()`` then does not
+        again), each rank takes the norm of its own shards, one ``all_reduce`` of a scalar combines
+        them, and each rank scales its own shard of the gradient, which is what ``step()`` uses; the
+        rest of ``.grad`` is neither averaged nor scaled. ``zero_grad()`` discards the prepared gradients.
+        """
+        ready = self._prepared_grads
+        if ready is None:
+            ready = self._collect_grads()
+            if self.reduce_grads and not isinstance(self._comm, LocalComm):
+                self._comm.average_grads([bucket for bucket, positions in zip(self._buckets, ready) if positions])
+                self._prepared_grads = ready  # averaged in place: step() must not average them again
+        return clip_grad_norm(
+            self._buckets, ready, self._comm,
+            max_norm=max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
+        )
 
     def _update_bucket(self, bucket: FlatBucket, positions: list[int]) -> None:
         group = self.param_groups[bucket.layout.group]
@@ -108,35 +194,64 @@ class Optimizer(torch.optim.Optimizer):
         )
 
         everyone = len(positions) == len(bucket.steps)
+        # torch creates a parameter's state at its first update, from the group as it is then (Rprop's
+        # step_size starts at that step's lr): refill the slots starting now if their state is not new.
+        carried = {name: value for name, value in initial.items() if name not in new_names}
         for position in positions:
+            if carried and bucket.steps[position] == 0:
+                bucket.reset_slot(position, carried)
             bucket.steps[position] += 1
         if everyone:
             bucket.step_tensor.add_(1)
         else:
             bucket.step_tensor[positions] += 1
+        scalar_state = self._advance_scalar_state(bucket, positions, h)
         for position in range(len(bucket.steps)) if new_names else positions:
             if bucket.steps[position] == 1 or (new_names and bucket.steps[position] > 0):
                 self._expose_state(bucket, position, initial)
 
-        step = bucket.steps[positions[0]]
-        if everyone and implementation is not Implementation.FOR_LOOP and len(set(bucket.steps)) == 1:
+        # Parameters at the same step with the same scalar state share one call of the update.
+        kinds = {position: (bucket.steps[position], scalar_state[position]) for position in positions}
+        if everyone and implementation is not Implementation.FOR_LOOP and len(set(kinds.values())) == 1:
+            step, values = kinds[positions[0]]
             states = {name: [tensor] for name, tensor in bucket.state.items() if name in initial}
             self._run(bucket, implementation, [bucket.shard_param], [bucket.shard_grad], states,
-                      [bucket.step_tensor[0]], h, step)
+                      [bucket.step_tensor[0]], h, step, dict(values))
             return
         if implementation is Implementation.FUSED and isinstance(self.rule.fused, CompiledUpdate):
             implementation = Implementation.FOREACH  # see CompiledUpdate: compiled for whole shards only
-        by_step: dict[int, list[int]] = defaultdict(list)
+        by_kind: dict[tuple[int, tuple[tuple[str, float], ...]], list[int]] = defaultdict(list)
         for position in positions:
             if bucket.segment_of(position) is not None:
-                by_step[bucket.steps[position]].append(position)
-        for step, members in by_step.items():
+                by_kind[kinds[position]].append(position)
+        for (step, values), members in by_kind.items():
             segments = [bucket.segment_of(position) for position in members]
             cut = lambda flat: [flat[s.start : s.stop] for s in segments]  # noqa: E731
             states = {name: cut(bucket.state[name]) for name in initial}
             steps = [bucket.step_tensor[position] for position in members]
             self._run(bucket, implementation, cut(bucket.shard_param), cut(bucket.shard_grad), states,
-                      steps, h, step)
+                      steps, h, step, dict(values))
+
+    def _advance_scalar_state(
+        self, bucket: FlatBucket, positions: list[int], h: GroupView
+    ) -> dict[int, tuple[tuple[str, float], ...]]:
+        """Each updating parameter's ``rule.scalar_state`` as this update sees it; stores the values after it.
+
+        Runs once the step counts are incremented; a parameter's first update starts from step 0's values.
+        """
+        if self.rule.scalar_state is None:
+            return dict.fromkeys(positions, ())
+        starting = [position for position in positions if bucket.steps[position] == 1]
+        if starting:
+            bucket.set_scalar_state(starting, self.rule.scalar_state(h, 0))
+        stored = {name: tensor.tolist() for name, tensor in bucket.scalar_state.items()}
+        before = {position: tuple((name, stored[name][position]) for name in stored) for position in positions}
+        by_kind: dict[tuple[int, tuple[tuple[str, float], ...]], list[int]] = defaultdict(list)
+        for position in positions:
+            by_kind[bucket.steps[position], before[position]].append(position)
+        for (step, previous), members in by_kind.items():
+            bucket.set_scalar_state(members, self.rule.scalar_state(h, step, **dict(previous)))
+        return before
 
     def _run(
         self,
@@ -148,6 +263,7 @@ class Optimizer(torch.optim.Optimizer):
         steps: list[Tensor],
         h: GroupView,
         step: int,
+        scalar_state: dict[str, float],
     ) -> None:
         if bucket.layout.dtype.is_complex:
             # Every algorithm treats a complex number as a pair of reals, as torch.optim does.
@@ -156,9 +272,9 @@ class Optimizer(torch.optim.Optimizer):
             states = {name: as_real(tensors) for name, tensors in states.items()}
         rule = self.rule
         if implementation is Implementation.FUSED:
-            rule.fused(params, grads, states, steps, h, step)
+            rule.fused(params, grads, states, steps, h, step, **scalar_state)
             return
-        c = rule.scalars(h, step)
+        c = rule.scalars(h, step, **scalar_state)
         if implementation is Implementation.FOR_LOOP:
             for i, (p, g) in enumerate(zip(params, grads)):
                 rule.update(p, g, types.SimpleNamespace(**{k: v[i] for k, v in states.items()}), h, c)
@@ -173,6 +289,8 @@ class Optimizer(torch.optim.Optimizer):
         entry: dict[str, Tensor] = {}
         if self.rule.step_in_state:
             entry["step"] = bucket.step_tensor[position]
+        for name, values in bucket.scalar_state.items():
+            entry[name] = values[position]
         for name in initial:
             view = bucket.state_view(name, position)
             if view is not None:
@@ -181,6 +299,32 @@ class Optimizer(torch.optim.Optimizer):
             self.state[bucket.params[position]] = entry
 
     # -- state dict -----------------------------------------------------------------------------
+
+    def state_dict(self, *, rank0_only: bool = False) -> dict[str, Any]:
+        """torch's state dict: ``{"state": {index: {name: tensor shaped like the param}}, "param_groups": ...}``.
+
+        Sharded, this is a collective call that gathers the full state: one collective per (bucket,
+        state name), no pickling. By default every rank receives the full state dict; with
+        ``rank0_only=True`` only group rank 0 does and every other rank gets ``{}``. Unsharded (or
+        replicated), every rank already holds the full state and returns it; ``rank0_only`` is ignored.
+
+        Sharded state tensors are views of one flat tensor per (bucket, state name): save the dict whole
+        (as ``torch.save`` does), and copy what you extract from it.
+        """
+        if self._comm.world_size == 1:
+            return super().state_dict()
+        names = []
+        for bucket in self._buckets:
+            initial = self.rule.state(GroupView(self.param_groups[bucket.layout.group]))
+            names.append([name for name in initial if name in bucket.state])
+        full = gather_full_state(self._buckets, self.state, names, self._comm, dst=0 if rank0_only else None)
+        if rank0_only and self._comm.rank != 0:
+            return {}
+        own, self.state = self.state, defaultdict(dict, full)
+        try:
+            return super().state_dict()
+        finally:
+            self.state = own
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a torch-format state dict (from shardoptim or torch.optim) into the flat buckets.
@@ -209,18 +353,25 @@ class Optimizer(torch.optim.Optimizer):
                     f"{len(group['params'])} here"
                 )
             merged = {**saved, "params": group["params"]}
-            validate(merged, self.rule.checks)
-            check_flags(merged, has_fused=self.rule.fused is not None)
+            self._check_group(merged)
             merged_groups.append(merged)
+        if self.rule is None:
+            self._load_per_parameter_state(merged_groups, saved_groups, saved_state)
+            for hook in self._optimizer_load_state_dict_post_hooks.values():
+                hook(self)
+            return
 
         # Saved indices follow the saved groups' "params" lists, matched in order to ours.
         owner = {id(p): (bucket, position) for bucket in self._buckets for position, p in enumerate(bucket.params)}
         targets = {}
         for group, saved in zip(merged_groups, saved_groups):
             initial = self.rule.state(GroupView(group))
+            scalars = self.rule.scalar_state(GroupView(group), 0) if self.rule.scalar_state else {}
+            scalar_keys = {"step", *scalars}
             for param, index in zip(group["params"], saved["params"]):
                 if index in saved_state:
-                    targets[index] = (param, initial, _checked_entry(saved_state[index], param, initial, index))
+                    entry = _checked_entry(saved_state[index], param, initial, scalar_keys, index)
+                    targets[index] = (param, initial, entry)
 
         for group, merged in zip(self.param_groups, merged_groups):
             group.update({key: value for key, value in merged.items() if key != "params"})
@@ -235,6 +386,10 @@ class Optimizer(torch.optim.Optimizer):
             steps = int(entry["step"]) if "step" in entry else 1
             bucket.steps[position] = steps
             bucket.step_tensor[position] = steps
+            if self.rule.scalar_state is not None:
+                # Saved values win over derived ones: they reflect the lr of the saved run's last step.
+                derived = self.rule.scalar_state(GroupView(self.param_groups[bucket.layout.group]), steps)
+                bucket.set_scalar_state([position], {k: float(entry.get(k, v)) for k, v in derived.items()})
             segment = bucket.segment_of(position)
             if segment is not None:
                 for name in initial:
@@ -245,6 +400,22 @@ class Optimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    def _load_per_parameter_state(
+        self, merged_groups: list[dict[str, Any]], saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]
+    ) -> None:
+        """Adopt checked groups and torch-format state as torch does: tensors cast like their parameter."""
+        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for group, saved in zip(merged_groups, saved_groups):
+            for param, index in zip(group["params"], saved["params"]):
+                if index in saved_state:
+                    state[param] = {
+                        name: value if name == "step" else _cast_like(param, value)
+                        for name, value in saved_state[index].items()
+                    }
+        for group, merged in zip(self.param_groups, merged_groups):
+            group.update({key: value for key, value in merged.items() if key != "params"})
+        self.state = state
+
     def __repr__(self) -> str:
         name = type(self).__name__
         elements = sum(bucket.layout.numel for bucket in self._buckets)
@@ -252,10 +423,26 @@ class Optimizer(torch.optim.Optimizer):
         return f"{name} [{summary}]" + super().__repr__().removeprefix(name)
 
 
-def _checked_entry(entry: dict[str, Any], param: Tensor, initial: dict[str, float], index: int) -> dict[str, Any]:
+def _cast_like(param: Tensor, value: Any) -> Any:
+    """``value`` with every tensor in it (also inside lists and dicts) on ``param``'s device, and in its
+    dtype when ``param`` is real floating point: torch's rule for loaded state."""
+    if isinstance(value, Tensor):
+        return value.to(dtype=param.dtype, device=param.device) if param.is_floating_point() else value.to(param.device)
+    if isinstance(value, dict):
+        return {key: _cast_like(param, item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_like(param, item) for item in value)
+    return value
+
+
+def _checked_entry(
+    entry: dict[str, Any], param: Tensor, initial: dict[str, float], scalar_keys: set[str], index: int
+) -> dict[str, Any]:
     """One parameter's saved state, checked against the parameter it is about to fill."""
     for name, value in entry.items():
-        if name == "step":
+        if name in scalar_keys:
+            if not (isinstance(value, (int, float)) or isinstance(value, Tensor) and value.numel() == 1):
+                raise ValueError(f"state {name!r} of parameter {index} must be a number or a one-element tensor")
             continue
         if name not in initial:
             raise ValueError(f"state of parameter {index} has an entry {name!r} this optimizer does not keep")
@@ -265,7 +452,3 @@ def _checked_entry(entry: dict[str, Any], param: Tensor, initial: dict[str, floa
                 f"state {name!r} of parameter {index} has size {size}, the parameter {tuple(param.shape)}"
             )
     return entry
-
-
-def _distributed_comm(process_group: Any) -> Comm:
-    raise NotImplementedError("sharding across ranks (process_group=...) is not available yet")

@@ -41,6 +41,18 @@ class UpdateRule:
     ``state(h)`` names the per-element state tensors and the value each starts at. ``fused``, when
     given, is a kernel taking lists: ``fused(params, grads, states, steps, h, step)`` where ``states``
     maps each state name to a list and ``steps`` holds 0-D step tensors already incremented.
+
+    ``scalar_state``, when given, declares per-parameter scalars that torch keeps as 0-D state tensors
+    next to ``step`` (ASGD's ``eta`` and ``mu``, NAdam's ``mu_product``): ``scalar_state(h, step,
+    **previous)`` is their value once a parameter has taken ``step`` updates under the group ``h``
+    (``step`` 0: the value they start at). ``previous`` holds their values after ``step - 1`` updates
+    when the base has them (every refresh after an update), so a value may accumulate over steps
+    whose hyper-parameters differed (NAdam's running product); it is empty at step 0 and when values
+    missing from a loaded state dict are derived. The base keeps one value per parameter in its
+    bucket, refreshes it after each of that parameter's updates with the group as it is then (so a
+    new ``lr`` takes effect one step later, as in torch), shows it in ``state[p]`` and
+    ``state_dict()`` and passes the values from before an update on as keyword arguments:
+    ``scalars(h, step, **values)`` and ``fused(..., h, step, **values)``.
     """
 
     checks: tuple[Check, ...]
@@ -50,3 +62,4 @@ class UpdateRule:
     fused: Callable[..., None] | None = None
     #: torch keeps a per-parameter ``step`` tensor in this algorithm's state.
     step_in_state: bool = True
+    scalar_state: Callable[..., dict[str, float]] | None = None
