@@ -1,7 +1,8 @@
 """Communication over a torch.distributed process group: the sharded step and the replicated one.
 
-``ShardedComm`` runs ZeRO-1/2 style: each rank owns one contiguous ``1/N`` slice of every flat bucket,
-gets the average of that slice's gradient, updates it and shares the result. ``ReplicatedComm`` is for
+``ShardedComm`` runs ZeRO-1 style: each rank owns one contiguous ``1/N`` slice of every flat bucket,
+keeps optimizer state for it alone, gets the average of that slice's gradient, updates it and shares
+the result. ``ReplicatedComm`` is for
 the algorithms that cannot be cut (LBFGS, SparseAdam): gradients are averaged everywhere and every
 rank runs the same update. All collectives are torch.distributed's; which ones is chosen per backend
 and device in :func:`pattern_for`, from measurements, not from the textbook.
@@ -43,11 +44,11 @@ reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.red
 class CollectivePattern:
     """How a sharded step moves one bucket between ranks.
 
-    ``average``: ``"reduce_scatter"`` is ``reduce_scatter_tensor`` straight into the own shard;
-    ``"all_to_all"`` is ``all_to_all_single`` of the flat gradient (rank ``j`` receives every rank's
-    slice ``j``) followed by a local mean of the ``N`` received slices: the same bytes on the wire as
-    a reduce-scatter, with a transient receive buffer the size of the bucket.
-    ``gather``: ``"all_gather"`` is ``all_gather_into_tensor`` in place; ``"broadcast"`` is one
+    ``average``: ``"reduce_scatter"`` is a single-tensor reduce-scatter straight into the own shard;
+    ``"all_to_all"`` is ``all_to_all_single`` of the flat gradient (rank ``j`` receives every other
+    rank's slice ``j``) whose received slices are then added to the own one: the bytes of a
+    reduce-scatter on the wire, with a transient receive buffer of ``(N-1)/N`` of the bucket.
+    ``gather``: ``"all_gather"`` is a single-tensor all-gather in place; ``"broadcast"`` is one
     ``broadcast`` per shard owner, launched together.
     ``average_op``: the backend averages inside the collective (``ReduceOp.AVG``).
     """
@@ -60,10 +61,12 @@ class CollectivePattern:
 #: NCCL: reduce-scatter + all-gather moves the bytes of one all-reduce, and NCCL averages in the op.
 NCCL_PATTERN = CollectivePattern("reduce_scatter", "all_gather", average_op=True)
 
-#: gloo (measured on this project's CPUs, 2 ranks, one 56 MB float32 buffer, medians of interleaved
-#: runs; ``python -m bench.dist --collectives`` repeats it): ``all_to_all_single`` + mean 33 ms
-#: against ``reduce_scatter_tensor`` 73 ms and ``all_reduce`` 41 ms; one ``broadcast`` per owner
-#: 21 ms against ``all_gather_into_tensor`` 81 ms. At 4 ranks: 89 / 178 / 109 ms and 65 / 154 ms.
+#: gloo, by measurement (``python -m bench.dist --collectives``: this project's 2-core CPUs, one thread
+#: per rank, one 56 MB float32 buffer, medians of interleaved runs). Averaging, 2 ranks:
+#: ``all_to_all_single`` + add 29 ms, ``all_reduce`` 60 ms (then keeping the own slice),
+#: reduce-scatter 118 ms; gathering: one ``broadcast`` per owner 22 ms, all-gather 95 ms (list: 88).
+#: 4 ranks (two per core): 155 / 137 / 277 ms and 64 / 200 ms: the all-to-all sends half the bytes of
+#: the all-reduce, which wins as soon as the wire and not the CPU is the limit.
 GLOO_PATTERN = CollectivePattern("all_to_all", "broadcast")
 
 #: Any other backend: the textbook collectives, averaging by a division after a sum.
@@ -157,7 +160,6 @@ class _GroupComm:
             start += len(bucket.params)
         return agreed
 
-
     def mean_over_ranks(self, value: float) -> float:
         total = torch.tensor(float(value), dtype=torch.float64, device=self.scalar_device)
         dist.all_reduce(total, group=self.group)
@@ -165,7 +167,11 @@ class _GroupComm:
 
     def average_sparse_grads(self, params: Sequence[Tensor]) -> None:
         """Sparse gradients averaged over ranks: gloo sums sparse tensors itself (the union of their
-        indices); other backends sum dense copies, with a mask of the present entries alongside."""
+        indices); other backends sum dense copies, with a mask of the present entries alongside.
+
+        A rank without a gradient for a parameter some other rank has one for contributes an empty
+        one with one sparse dimension, as ``nn.Embedding(sparse=True)`` produces.
+        """
         present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.scalar_device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
         for param, anywhere in zip(params, present.tolist()):
@@ -197,18 +203,22 @@ class _GroupComm:
 
 
 class _PendingAverage:
-    """One bucket's gradient exchange in flight; ``finish()`` waits and leaves the average in the shard."""
+    """One bucket's gradient exchange in flight; ``finish()`` waits and leaves the average in the shard.
 
-    __slots__ = ("_work", "_received", "_shard", "_divide_by")
+    ``others`` (all-to-all only) are the slices received from the other ranks, added to the own one
+    before dividing by ``divide_by``.
+    """
 
-    def __init__(self, work: dist.Work, received: Tensor | None, shard: Tensor, divide_by: int) -> None:
-        self._work, self._received, self._shard, self._divide_by = work, received, shard, divide_by
+    __slots__ = ("_work", "_shard", "_others", "_divide_by")
+
+    def __init__(self, work: dist.Work, shard: Tensor, others: Sequence[Tensor], divide_by: int) -> None:
+        self._work, self._shard, self._others, self._divide_by = work, shard, others, divide_by
 
     def finish(self) -> None:
         self._work.wait()
-        if self._received is not None:
-            torch.mean(self._received.view(-1, self._shard.numel()), dim=0, out=self._shard)
-        elif self._divide_by > 1:
+        for row in self._others:
+            self._shard.add_(row)
+        if self._divide_by > 1:
             self._shard.div_(self._divide_by)
 
 
@@ -235,12 +245,31 @@ class ShardedComm(_GroupComm):
         pattern = self.pattern(bucket.layout.device)
         flat, shard = _real(bucket.flat_grad), _real(bucket.shard_grad)
         if pattern.average == "all_to_all":
-            received = torch.empty_like(flat)
-            work = dist.all_to_all_single(received, flat, group=self.group, async_op=True)
-            return _PendingAverage(work, received, shard, 1)
+            return self._launch_all_to_all(flat, shard)
         op = dist.ReduceOp.AVG if pattern.average_op else dist.ReduceOp.SUM
         work = reduce_scatter_single(shard, flat, op=op, group=self.group, async_op=True)
-        return _PendingAverage(work, None, shard, 1 if pattern.average_op else self.world_size)
+        return _PendingAverage(work, shard, (), 1 if pattern.average_op else self.world_size)
+
+    def _launch_all_to_all(self, flat: Tensor, shard: Tensor) -> _PendingAverage:
+        """Send slice ``j`` of ``flat`` to rank ``j``, receive every other rank's slice ``rank``.
+
+        The first and the last rank keep their own slice out of the exchange (the slices for the
+        others are contiguous there; at 2 ranks that is every rank), which saves copying it to
+        itself and adding it back; a rank in the middle receives its own slice too, and skips it.
+        """
+        size, world, rank = shard.numel(), self.world_size, self.rank
+        sizes = [size] * world
+        send = flat
+        if rank in (0, world - 1):
+            sizes[rank] = 0
+            send = flat[size:] if rank == 0 else flat[: -size]
+        received = torch.empty(sum(sizes), dtype=flat.dtype, device=flat.device)
+        work = dist.all_to_all_single(received, send, output_split_sizes=sizes, input_split_sizes=sizes,
+                                      group=self.group, async_op=True)
+        rows = received.split([n for n in sizes if n])
+        sources = [source for source in range(world) if sizes[source]]
+        others = [row for source, row in zip(sources, rows) if source != rank]
+        return _PendingAverage(work, shard, others, world)
 
     def average_grads(self, buckets: Sequence[FlatBucket]) -> None:
         for pending in [self._launch_average(bucket) for bucket in buckets]:
@@ -255,9 +284,9 @@ class ShardedComm(_GroupComm):
         if dst is not None:
             chunks = list(full.split(size)) if self.rank == dst else None
             return [dist.gather(shard, chunks, dst=self._global_ranks[dst], group=self.group, async_op=True)]
-        own = full[self.rank * size : (self.rank + 1) * size]
         if pattern.gather == "all_gather":
             return [all_gather_single(full, shard, group=self.group, async_op=True)]
+        own = full[self.rank * size : (self.rank + 1) * size]
         if own.data_ptr() != shard.data_ptr():
             own.copy_(shard)
         return [

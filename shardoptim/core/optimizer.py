@@ -140,6 +140,15 @@ class Optimizer(torch.optim.Optimizer):
             self._update_bucket(bucket, positions)
         return loss
 
+    @torch.no_grad()
+    def gather_params(self) -> None:
+        """Refresh every rank's full parameters from every rank's own shard of them.
+
+        ``step()`` does this itself; call it after changing shards some other way (an EMA swapped in,
+        a shard loaded). Collective when sharded; nothing to do otherwise.
+        """
+        self._comm.gather_params(self._buckets)
+
     def _check_same_params(self, groups: Sequence[dict[str, Any]]) -> None:
         """Fail on every rank, before any other collective, when ranks were given different parameters."""
         if isinstance(self._comm, LocalComm):
@@ -156,6 +165,7 @@ class Optimizer(torch.optim.Optimizer):
         return self._comm.agree_on_grads(self._buckets, [bucket.collect_grads() for bucket in self._buckets])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; also drops gradients ``clip_grad_norm_`` averaged for a step not taken."""
         self._prepared_grads = None
         super().zero_grad(set_to_none)
 

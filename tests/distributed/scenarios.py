@@ -448,3 +448,16 @@ def sparse_adam_parity(dense_fallback: bool) -> None:
             assert_close(model.parameters(), reference.parameters(), f"SparseAdam step {step}")
     finally:
         sharded_comm.backend_for = saved
+
+
+def gather_params_refreshes_every_rank() -> None:
+    """``opt.gather_params()`` after shards were changed outside ``step()`` (as an EMA swap does)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, _ = models()
+    opt = shardoptim.Adam(model.parameters(), process_group=dist.group.WORLD)
+    for bucket in opt.buckets:
+        bucket.shard_param.fill_(rank + 1)
+    opt.gather_params()
+    for bucket in opt.buckets:
+        expected = torch.arange(1, world + 1, dtype=bucket.flat_param.dtype).repeat_interleave(bucket.layout.shard_numel)
+        assert torch.equal(bucket.flat_param, expected), "flat parameters not gathered from every shard"

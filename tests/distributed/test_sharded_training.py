@@ -63,3 +63,7 @@ def test_replicated_lbfgs(worlds, line_search_fn):
 @pytest.mark.parametrize("dense_fallback", [False, True], ids=["gloo-sparse-all-reduce", "dense-fallback"])
 def test_replicated_sparse_adam(worlds, dense_fallback):
     worlds.get(2).run(scenarios.sparse_adam_parity, dense_fallback)
+
+
+def test_gather_params_after_changing_shards(worlds):
+    worlds.get(2).run(scenarios.gather_params_refreshes_every_rank)

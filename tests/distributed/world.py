@@ -44,6 +44,7 @@ def _serve(rank: int, size: int, port: int, tasks: list, results: Any) -> None:
                 results.put((rank, True, value))
             except BaseException:  # noqa: BLE001 - reported to the test, which fails
                 results.put((rank, False, traceback.format_exc()))
+        dist.barrier()  # leave together: a rank tearing gloo down early can abort a peer's exit
     finally:
         dist.destroy_process_group()
 
