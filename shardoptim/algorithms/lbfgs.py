@@ -256,15 +256,16 @@ class LBFGS(Optimizer):
     def _evaluation(self, loss: Any) -> tuple[float, Tensor]:
         """A closure call's loss as a number and the gradient vector it left (a view of the bucket).
 
-        Replicated, both are averaged over ranks (collectives: every rank evaluates the closure as
-        often as every other, since all take the same decisions from the same averages).
+        Replicated, both are averaged over ranks, the gradient unless ``reduce_grads=False`` (collectives:
+        every rank evaluates the closure as often as every other, since all take the same decisions
+        from the same averages).
         """
-        value = float(loss)
         self._vector.collect_grads()
         if self.reduce_grads:
             self._comm.average_grads(self._buckets)
-            value = self._comm.mean_over_ranks(value)
-        return value, self._vector.grad()
+        # The loss is averaged even when DDP averaged the gradients: ranks that saw different data
+        # would otherwise take different line-search decisions and fall out of step.
+        return self._comm.mean_over_ranks(float(loss)), self._vector.grad()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
