@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .rule import GroupView
-from .tensorlist import TensorList
+from .tensorlist import run_eager
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class CompiledUpdate:
     gradients runs the foreach implementation over their views instead, since views of one buffer
     at many offsets would make the compiler specialise on each, for a path that is rare by nature.
     If compilation fails (no C++ compiler, an unsupported platform), it warns once and runs the same
-    update eagerly on a ``TensorList`` from then on: the foreach implementation, never an error.
+    update eagerly from then on (``run_eager``): the foreach implementation, never an error.
     """
 
     def __init__(self, update: Callable[..., None], scalars: Callable[[GroupView, int], Any]) -> None:
@@ -77,8 +77,7 @@ class CompiledUpdate:
                                     f"shardoptim runs the foreach implementation instead")
                 else:
                     raise
-        s = types.SimpleNamespace(**{name: TensorList(tensors) for name, tensors in states.items()})
-        self._update(TensorList(params), TensorList(grads), s, h, c)
+        run_eager(self._update, params, grads, states, h, c)
 
     def _run_compiled(self, params, grads, states, h: GroupView, c: Any) -> None:
         if self._kernel is None:

@@ -20,7 +20,7 @@ from .gather import gather_full_state
 from .hparams import Check, validate
 from .layout import BucketLayout, ParamSpec, plan_buckets
 from .rule import GroupView, UpdateRule
-from .tensorlist import TensorList
+from .tensorlist import run_eager
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -288,11 +288,8 @@ class Optimizer(torch.optim.Optimizer):
         if implementation is Implementation.FOR_LOOP:
             for i, (p, g) in enumerate(zip(params, grads)):
                 rule.update(p, g, types.SimpleNamespace(**{k: v[i] for k, v in states.items()}), h, c)
-        elif len(params) == 1:
-            rule.update(params[0], grads[0], types.SimpleNamespace(**{k: v[0] for k, v in states.items()}), h, c)
         else:
-            s = types.SimpleNamespace(**{k: TensorList(v) for k, v in states.items()})
-            rule.update(TensorList(params), TensorList(grads), s, h, c)
+            run_eager(rule.update, params, grads, states, h, c)
 
     def _expose_state(self, bucket: FlatBucket, position: int, initial: dict[str, float]) -> None:
         """Point ``self.state[param]`` at the views of one parameter's state, in torch's layout."""
