@@ -68,3 +68,18 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
 def assert_same_trajectory(ours: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor], dtype: torch.dtype) -> None:
     for i, (a, b) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(a.detach(), b.detach(), **tolerance(dtype), msg=lambda m: f"param {i}: {m}")
+
+
+def assert_same_state(ours: dict, theirs: dict) -> None:
+    """Equal state dicts: the same keys, shapes and values per parameter, and the same param groups."""
+    assert ours["state"].keys() == theirs["state"].keys()
+    for index, entry in theirs["state"].items():
+        assert ours["state"][index].keys() == entry.keys(), index
+        for key, value in entry.items():
+            assert ours["state"][index][key].shape == value.shape, (index, key)
+            torch.testing.assert_close(ours["state"][index][key], value, atol=1e-5, rtol=1e-5)
+    flags = ("foreach", "fused")  # which implementation ran may differ by design (torch may have no fused)
+    for ours_group, their_group in zip(ours["param_groups"], theirs["param_groups"]):
+        assert {k: v for k, v in ours_group.items() if k not in flags} == {
+            k: v for k, v in their_group.items() if k not in flags
+        }
