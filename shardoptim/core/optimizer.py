@@ -106,7 +106,13 @@ class Optimizer(torch.optim.Optimizer):
         by_index = {spec.index: p for spec, p in zip(specs, params)}
         for layout in self._plan_buckets(specs):
             members = [by_index[slot.index] for slot in layout.slots]
-            self._buckets.append(FlatBucket(layout, members, rank=self._comm.rank))
+            bucket = FlatBucket(layout, members, rank=self._comm.rank)
+            # Only a torch kernel over lists can read gradients where autograd left them; sharded, the
+            # gradients must be in flat_grad to be reduced.
+            bucket.keeps_large_grads = isinstance(self._comm, LocalComm) and not (
+                self.rule is None or self.rule.fused is None or isinstance(self.rule.fused, CompiledUpdate)
+            )
+            self._buckets.append(bucket)
         self._param_count += len(params)
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -133,7 +139,7 @@ class Optimizer(torch.optim.Optimizer):
         if self._prepared_grads is not None:
             ready, average, self._prepared_grads = self._prepared_grads, False, None
         else:
-            ready, average = self._collect_grads(), self.reduce_grads
+            ready, average = self._collect_grads(keep_large=True), self.reduce_grads
         # Sharded: gradient averaging, the update of the own shard and the parameter gather, pipelined
         # over buckets. Unsharded: just the buckets that have gradients.
         for bucket, positions in self._comm.update_pipeline(self._buckets, ready, average_grads=average):
@@ -160,9 +166,11 @@ class Optimizer(torch.optim.Optimizer):
         )
         self._comm.check_same_params(signature, [len(groups), len(params), sum(p.numel() for p in params)])
 
-    def _collect_grads(self) -> list[list[int]]:
-        """Per bucket, the positions with a gradient (on any rank), each gradient now in ``flat_grad``."""
-        return self._comm.agree_on_grads(self._buckets, [bucket.collect_grads() for bucket in self._buckets])
+    def _collect_grads(self, *, keep_large: bool = False) -> list[list[int]]:
+        """Per bucket, the positions with a gradient (on any rank), each gradient now in ``flat_grad``
+        (with ``keep_large``, except those ``_update_bucket`` may pass to a fused kernel where they are)."""
+        grads = [bucket.collect_grads(keep_large=keep_large) for bucket in self._buckets]
+        return self._comm.agree_on_grads(self._buckets, grads)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; also drops gradients ``clip_grad_norm_`` averaged for a step not taken."""
@@ -220,14 +228,20 @@ class Optimizer(torch.optim.Optimizer):
             if bucket.steps[position] == 1 or (new_names and bucket.steps[position] > 0):
                 self._expose_state(bucket, position, initial)
 
-        # Parameters at the same step with the same scalar state share one call of the update.
+        # Parameters at the same step with the same scalar state share one call of the update: the whole
+        # shard when every gradient is in flat_grad, or (fused) the runs of flat_grad and the gradients
+        # the bucket kept where autograd put them (see FlatBucket.keeps_large_grads).
         kinds = {position: (bucket.steps[position], scalar_state[position]) for position in positions}
-        if everyone and implementation is not Implementation.FOR_LOOP and len(set(kinds.values())) == 1:
+        elsewhere = bucket.grads_elsewhere(positions)
+        one_call = implementation is not Implementation.FOR_LOOP and len(set(kinds.values())) == 1
+        if one_call and (implementation is Implementation.FUSED if elsewhere else everyone):
+            pieces = bucket.runs(positions) if elsewhere else [(0, bucket.layout.shard_numel, None)]
+            steps = [bucket.step_tensor[positions[0]]] * len(pieces)
             step, values = kinds[positions[0]]
-            states = {name: [tensor] for name, tensor in bucket.state.items() if name in initial}
-            self._run(bucket, implementation, [bucket.shard_param], [bucket.shard_grad], states,
-                      [bucket.step_tensor[0]], h, step, dict(values))
+            self._run_pieces(bucket, implementation, pieces, initial, steps, h, step, dict(values))
             return
+        for position in elsewhere:
+            bucket.adopt_grad(position)
         if implementation is Implementation.FUSED and isinstance(self.rule.fused, CompiledUpdate):
             implementation = Implementation.FOREACH  # see CompiledUpdate: compiled for whole shards only
         by_kind: dict[tuple[int, tuple[tuple[str, float], ...]], list[int]] = defaultdict(list)
@@ -235,12 +249,26 @@ class Optimizer(torch.optim.Optimizer):
             if bucket.segment_of(position) is not None:
                 by_kind[kinds[position]].append(position)
         for (step, values), members in by_kind.items():
-            segments = [bucket.segment_of(position) for position in members]
-            cut = lambda flat: [flat[s.start : s.stop] for s in segments]  # noqa: E731
-            states = {name: cut(bucket.state[name]) for name in initial}
+            pieces = [(s.start, s.stop, None) for s in map(bucket.segment_of, members)]
             steps = [bucket.step_tensor[position] for position in members]
-            self._run(bucket, implementation, cut(bucket.shard_param), cut(bucket.shard_grad), states,
-                      steps, h, step, dict(values))
+            self._run_pieces(bucket, implementation, pieces, initial, steps, h, step, dict(values))
+
+    def _run_pieces(
+        self,
+        bucket: FlatBucket,
+        implementation: Implementation,
+        pieces: list[tuple[int, int, Tensor | None]],
+        initial: dict[str, float],
+        steps: list[Tensor],
+        h: GroupView,
+        step: int,
+        scalar_state: dict[str, float],
+    ) -> None:
+        """One update over ``(start, stop, grad)`` pieces of the shard; ``grad`` None: that slice of ``shard_grad``."""
+        cut = lambda flat: [flat[start:stop] for start, stop, _ in pieces]  # noqa: E731
+        grads = [bucket.shard_grad[start:stop] if grad is None else grad for start, stop, grad in pieces]
+        states = {name: cut(bucket.state[name]) for name in initial}
+        self._run(bucket, implementation, cut(bucket.shard_param), grads, states, steps, h, step, scalar_state)
 
     def _advance_scalar_state(
         self, bucket: FlatBucket, positions: list[int], h: GroupView

@@ -273,3 +273,70 @@ def test_eager_update_in_chunks_matches_torch(monkeypatch, name):
         lambda ps: getattr(torch.optim, name)(ps, foreach=True, **kwargs),
     )
     assert_same_trajectory(ours, theirs, torch.float32)
+
+
+def _shares_storage(tensor, flat):
+    return tensor.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+
+
+class _Net(torch.nn.Module):
+    """One weight at least ``LARGE_GRAD_NUMEL``, small ones, one left out of some steps, one never used."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = torch.nn.Linear(256, 256)
+        assert self.big.weight.numel() >= shardoptim.core.bucket.LARGE_GRAD_NUMEL > self.big.bias.numel()
+        self.head = torch.nn.Linear(256, 4)
+        self.sometimes = torch.nn.Linear(256, 4)
+        self.never = torch.nn.Parameter(torch.randn(8))
+
+    def forward(self, x, step, intermittent):
+        h = torch.tanh(self.big(x))
+        out = self.head(h).pow(2).mean()
+        if not intermittent or step % 3 != 1:
+            out = out + self.sometimes(h).mean()
+        return out
+
+
+@pytest.mark.parametrize("scenario", ["every-step", "intermittent", "clip"])
+@pytest.mark.parametrize(
+    "algorithm, kwargs",
+    [("AdamW", {"lr": 1e-2, "weight_decay": 0.1}), ("SGD", {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.01})],
+)
+def test_large_fresh_gradients_are_read_in_place_and_train_like_torch(algorithm, kwargs, scenario):
+    torch.manual_seed(0)
+    reference = _Net()
+    runs = {
+        "ours": (shardoptim, {}),
+        "torch fused": (torch.optim, {"fused": True}),
+        "torch for-loop": (torch.optim, {"foreach": False}),
+    }
+    models = {name: copy.deepcopy(reference) for name in runs}
+    opts = {name: getattr(module, algorithm)(models[name].parameters(), **kwargs, **flags)
+            for name, (module, flags) in runs.items()}
+    (bucket,) = opts["ours"].buckets
+    gen = torch.Generator().manual_seed(1)
+    for step in range(30):
+        batches = [torch.randn(16, 256, generator=gen) for _ in range(2)]
+        for name, model in models.items():
+            for x in batches:  # two backward calls accumulate
+                model(x, step, intermittent=scenario == "intermittent").backward()
+            if name == "ours":
+                big = model.big.weight
+                assert not _shares_storage(big.grad, bucket.flat_grad), "the large gradient must not be copied"
+                assert all(_shares_storage(p.grad, bucket.flat_grad) for p in (model.big.bias, model.head.weight))
+                assert all(_shares_storage(p, bucket.flat_param) for p in model.parameters())
+                kept = big.grad
+            if scenario == "clip":
+                clip = opts[name].clip_grad_norm_ if name == "ours" else (
+                    lambda norm, m=model: torch.nn.utils.clip_grad_norm_(m.parameters(), norm))
+                clip(1.0)
+            opts[name].step()
+            if name == "ours" and scenario == "every-step":  # others fall back to copying, as before
+                assert big.grad is kept, "step() must leave the user's gradient tensor in .grad"
+            opts[name].zero_grad(set_to_none=True)
+    ours = dict(models["ours"].named_parameters())
+    assert torch.equal(ours["never"], reference.never)
+    for name in ("torch fused", "torch for-loop"):
+        for key, theirs in models[name].named_parameters():
+            torch.testing.assert_close(ours[key], theirs, rtol=1e-5, atol=1e-6, msg=f"{key} vs {name}")
