@@ -1,7 +1,8 @@
 """Weight averaging: torch.optim.swa_utils's API, plus ``ShardedEMA`` over an optimizer's flat shards.
 
 - ``AveragedModel``, ``SWALR``, ``update_bn`` and the ``get_*_avg_fn`` factories behave as
-  ``torch.optim.swa_utils``'s (same arguments, numbers, errors and state dicts).
+  ``torch.optim.swa_utils``'s (same arguments, numbers, errors and state dicts). ``SWALR`` is, like
+  torch's, a ``torch.optim.lr_scheduler.LRScheduler``: it is built on ``shardoptim.sched``'s base.
 - ``ShardedEMA`` averages the weights a shardoptim optimizer updates, one ``lerp_`` per flat bucket
   shard, at 1/world_size of the memory of a full copy.
 """

@@ -1,4 +1,4 @@
-"""The scheduler contract: ``LRScheduler``, which every schedule here (and a user's own) builds on."""
+"""The scheduler contract: ``LRScheduler``, torch's base class with JSON state and our own stepping."""
 
 from __future__ import annotations
 
@@ -6,19 +6,57 @@ import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch.optim.lr_scheduler as torch_lr_scheduler
+from torch.optim.lr_scheduler import EPOCH_DEPRECATION_WARNING
+
 from . import step_watch
 from .groups import detached_copy, group_values, require_param_groups, set_group_value
 from .state import like, to_plain
 
-EPOCH_DEPRECATION_WARNING = (
-    "The epoch parameter in `scheduler.step()` is deprecated: call `scheduler.step()` without it. "
-    "While it is still accepted, an explicit epoch computes the learning rate from the closed form "
-    "of the schedule where one exists, not from the chainable form."
+# torch's texts: user code and test suites match on them (the link, "has been overridden").
+STEP_OVERRIDDEN_WARNING = (
+    "Seems like `optimizer.step()` has been overridden after learning rate scheduler "
+    "initialization. Please, make sure to call `optimizer.step()` before "
+    "`lr_scheduler.step()`. See more details at "
+    "https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate"
+)
+STEPPED_BEFORE_OPTIMIZER_WARNING = (
+    "Detected call of `lr_scheduler.step()` before `optimizer.step()`. "
+    "In PyTorch 1.1.0 and later, you should call them in the opposite order: "
+    "`optimizer.step()` before `lr_scheduler.step()`.  Failure to do this "
+    "will result in PyTorch skipping the first value of the learning rate schedule. "
+    "See more details at "
+    "https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate"
+)
+GET_LR_OUTSIDE_STEP_WARNING = (
+    "To get the last learning rate computed by the scheduler, please use `get_last_lr()`."
 )
 
 
-class LRScheduler:
-    """Base class of learning-rate schedulers; torch.optim.lr_scheduler.LRScheduler's contract.
+def require_initial_lrs(optimizer: Any, last_epoch: int) -> None:
+    """Raise ``KeyError`` when resuming (``last_epoch != -1``) and a group has no ``initial_lr``."""
+    if last_epoch == -1:
+        return
+    for index, group in enumerate(optimizer.param_groups):
+        if "initial_lr" not in group:
+            # Starts as torch's message does, which callers match on.
+            raise KeyError(
+                f"param 'initial_lr' is not specified in param_groups[{index}] when resuming scheduler "
+                f"with last_epoch >= 0 (last_epoch={last_epoch}): load the optimizer's state first, or "
+                "start with last_epoch=-1"
+            )
+
+
+def _record_initial_lrs(optimizer: Any, last_epoch: int) -> None:
+    """A fresh start records each group's lr as ``initial_lr`` (kept if already there); a resume needs it."""
+    require_initial_lrs(optimizer, last_epoch)
+    if last_epoch == -1:
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", detached_copy(group["lr"]))
+
+
+class LRScheduler(torch_lr_scheduler.LRScheduler):
+    """Base class of learning-rate schedulers: a ``torch.optim.lr_scheduler.LRScheduler``.
 
     A scheduler drives any object with ``param_groups`` (torch's optimizers, ours, sharded or not)
     by writing ``group["lr"]`` (a tensor lr is filled in place). On construction it records each
@@ -30,6 +68,13 @@ class LRScheduler:
     Subclasses implement ``get_lr()``; a schedule with a closed form of the epoch may also define
     ``_get_closed_form_lr()``, which the deprecated ``step(epoch)`` uses.
 
+    torch's ``__init__`` is not called: it accepts only ``torch.optim.Optimizer`` instances. Its
+    observable protocol is kept instead: the same attributes (``base_lrs``, ``last_epoch``,
+    ``_step_count``, ``_get_lr_called_within_step``, ``_is_initial``, ``_last_lr``), the same
+    ``optimizer.step`` wrapper marks (so torch's schedulers and ours on one optimizer agree on
+    whether it stepped), and torch's warnings under the same conditions. ``state_dict()`` differs:
+    it is JSON-ready data (see ``shardoptim.sched.state``), and torch's state dicts load too.
+
     Args:
         optimizer: object whose ``param_groups`` are scheduled.
         last_epoch: index of the last epoch done; ``-1`` starts afresh. A value ``>= 0`` resumes and
@@ -39,32 +84,21 @@ class LRScheduler:
     construction writes the lrs.
     """
 
-    # Flags that are true only while a step runs; never part of the state.
-    _inside_step: bool = False
-    _is_initial: bool = False
-    _not_state: ClassVar[frozenset[str]] = frozenset({"optimizer", "_inside_step", "_is_initial"})
-    # torch keeps its own transient flags in its state dicts; loading skips them.
-    _skipped_on_load: ClassVar[frozenset[str]] = frozenset(
-        {"optimizer", "_inside_step", "_is_initial", "_get_lr_called_within_step"}
+    # True only on a scheduler whose optimizer refused the step wrapper: the order goes unchecked.
+    _steps_uncounted: bool = False
+    # Flags of a step in progress (and of the above), never state; torch's state dicts carry some.
+    _not_state: ClassVar[frozenset[str]] = frozenset(
+        {"optimizer", "_get_lr_called_within_step", "_is_initial", "_steps_uncounted"}
     )
 
     def __init__(self, optimizer: Any, last_epoch: int = -1) -> None:
         require_param_groups(optimizer)
         self.optimizer = optimizer
-        if last_epoch == -1:
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", detached_copy(group["lr"]))
-        else:
-            for index, group in enumerate(optimizer.param_groups):
-                if "initial_lr" not in group:
-                    raise KeyError(
-                        f"param_groups[{index}] has no 'initial_lr', needed to resume a scheduler "
-                        f"at last_epoch={last_epoch}: load the optimizer's state first, or start "
-                        "with last_epoch=-1"
-                    )
+        _record_initial_lrs(optimizer, last_epoch)
         self.base_lrs: list[Any] = group_values(optimizer, "initial_lr")
         self.last_epoch = last_epoch
-        step_watch.watch_steps(optimizer)
+        if not step_watch.count_steps(optimizer):
+            self._steps_uncounted = True
         self._initial_step()
 
     def _initial_step(self) -> None:
@@ -91,7 +125,7 @@ class LRScheduler:
         schedule has one.
         """
         if self._step_count == 1:
-            self._warn_if_stepped_before_optimizer()
+            self._warn_about_step_order()
         self._step_count += 1
         if epoch is not None:
             warnings.warn(EPOCH_DEPRECATION_WARNING, UserWarning, stacklevel=2)
@@ -107,11 +141,11 @@ class LRScheduler:
 
     def _apply(self, compute: Callable[[], list[Any]]) -> None:
         """Write the lrs ``compute`` returns (run as part of a step) and remember them."""
-        self._inside_step = True
+        self._get_lr_called_within_step = True
         try:
             lrs = compute()
         finally:
-            self._inside_step = False
+            self._get_lr_called_within_step = False
         groups = self.optimizer.param_groups
         if len(lrs) != len(groups):
             raise ValueError(f"{type(self).__name__} computed {len(lrs)} lrs for {len(groups)} param groups")
@@ -119,32 +153,19 @@ class LRScheduler:
             set_group_value(group, "lr", lr)
         self._last_lr: list[Any] = group_values(self.optimizer, "lr")
 
-    def _warn_if_stepped_before_optimizer(self) -> None:
-        if step_watch.step_was_replaced(self.optimizer):
-            warnings.warn(
-                "`optimizer.step()` was replaced after the learning rate scheduler was created, so "
-                "the scheduler can no longer tell whether it runs after `optimizer.step()`. Call "
-                "`optimizer.step()` before `lr_scheduler.step()`.",
-                UserWarning,
-                stacklevel=3,
-            )
-        elif step_watch.is_watched(self.optimizer) and not step_watch.has_stepped(self.optimizer):
-            warnings.warn(
-                "Detected call of `lr_scheduler.step()` before `optimizer.step()`. Since PyTorch "
-                "1.1.0 the order is `optimizer.step()` first, then `lr_scheduler.step()`; the other "
-                "order skips the first value of the learning rate schedule.",
-                UserWarning,
-                stacklevel=3,
-            )
+    def _warn_about_step_order(self) -> None:
+        """At the first step after construction, as torch: a replaced ``optimizer.step`` (which the
+        scheduler can no longer watch), else an optimizer that has not stepped yet."""
+        if self._steps_uncounted:
+            return
+        if not step_watch.step_is_wrapped(self.optimizer):
+            warnings.warn(STEP_OVERRIDDEN_WARNING, UserWarning, stacklevel=3)
+        elif not step_watch.has_stepped(self.optimizer):
+            warnings.warn(STEPPED_BEFORE_OPTIMIZER_WARNING, UserWarning, stacklevel=3)
 
     def _warn_unless_inside_step(self) -> None:
-        if not self._inside_step:
-            warnings.warn(
-                "To get the last learning rate computed by the scheduler, please use "
-                "`get_last_lr()`; `get_lr()` computes the next step's values.",
-                UserWarning,
-                stacklevel=3,
-            )
+        if not self._get_lr_called_within_step:
+            warnings.warn(GET_LR_OUTSIDE_STEP_WARNING, UserWarning, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state as JSON-ready data: its attributes except the optimizer."""
@@ -158,5 +179,5 @@ class LRScheduler:
         Load the optimizer's state too: the lrs themselves live in its param groups.
         """
         for key, value in state_dict.items():
-            if key not in self._skipped_on_load:
+            if key not in self._not_state:
                 setattr(self, key, like(getattr(self, key, None), value))

@@ -192,6 +192,15 @@ def _phase(end_step: float, lr_from: str, lr_to: str, momentum_from: str, moment
     }
 
 
+def _strategy_of(anneal_func: Any) -> str:
+    """"cos" or "linear" for one of torch's annealing functions (as old torch state dicts hold)."""
+    name = getattr(anneal_func, "__name__", "")
+    for strategy in ("cos", "linear"):
+        if name == f"_annealing_{strategy}":
+            return strategy
+    raise ValueError(f"anneal_func must be torch's _annealing_cos or _annealing_linear, got {anneal_func!r}")
+
+
 class OneCycleLR(LRScheduler):
     """The 1cycle policy (Smith & Topin 2018), one step per batch: the lr rises from
     ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of ``total_steps``, then
@@ -271,10 +280,27 @@ class OneCycleLR(LRScheduler):
             self.use_beta1, _, _ = _start_momentum_cycle(optimizer, base_momentum, max_momentum, last_epoch)
         super().__init__(optimizer, last_epoch)
 
+    @staticmethod
+    def _annealing_cos(start: Any, end: Any, pct: float) -> Any:
+        return end + (start - end) * cosine_weight(pct, 1.0)
+
+    @staticmethod
+    def _annealing_linear(start: Any, end: Any, pct: float) -> Any:
+        return (end - start) * pct + start
+
     def _anneal(self, start: Any, end: Any, pct: float) -> Any:
         if self._anneal_func_type == "cos":
-            return end + (start - end) * cosine_weight(pct, 1.0)
-        return (end - start) * pct + start
+            return self._annealing_cos(start, end, pct)
+        return self._annealing_linear(start, end, pct)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """State as in ``LRScheduler``; also torch's state from before 2.2, which pickled the
+        annealing function itself (``anneal_func``) instead of naming it."""
+        state = dict(state_dict)
+        legacy_function = state.pop("anneal_func", None)
+        if legacy_function is not None and "_anneal_func_type" not in state:
+            state["_anneal_func_type"] = _strategy_of(legacy_function)
+        super().load_state_dict(state)
 
     def get_lr(self) -> list[Any]:
         self._warn_unless_inside_step()

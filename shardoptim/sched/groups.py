@@ -20,7 +20,7 @@ def require_param_groups(optimizer: Any) -> None:
     """Raise ``TypeError`` unless ``optimizer`` looks like an optimizer (has ``param_groups``)."""
     if not hasattr(optimizer, "param_groups"):
         raise TypeError(
-            f"{type(optimizer).__name__} is not an optimizer: a scheduler needs an object with "
+            f"{type(optimizer).__name__} is not an Optimizer: a scheduler needs an object with "
             "param_groups"
         )
 

@@ -6,7 +6,10 @@ import math
 import warnings
 from typing import Any, Literal, SupportsFloat
 
-from .base import EPOCH_DEPRECATION_WARNING, LRScheduler
+import torch.optim.lr_scheduler as torch_lr_scheduler
+from torch.optim.lr_scheduler import EPOCH_DEPRECATION_WARNING
+
+from .base import LRScheduler
 from .groups import PerGroup, group_values, require_param_groups, set_group_value
 
 
@@ -17,7 +20,7 @@ def _check_modes(mode: str, threshold_mode: str) -> None:
         raise ValueError(f"threshold mode {threshold_mode} is unknown! Expected 'rel' or 'abs'")
 
 
-class ReduceLROnPlateau(LRScheduler):
+class ReduceLROnPlateau(LRScheduler, torch_lr_scheduler.ReduceLROnPlateau):
     """Multiply the lr by ``factor`` once a metric has not improved for more than ``patience``
     steps. ``step(metric)`` is called once per evaluation.
 
@@ -29,7 +32,8 @@ class ReduceLROnPlateau(LRScheduler):
     count restarts and the next ``cooldown`` steps count no bad steps.
 
     Unlike the other schedulers it does not touch the lrs on construction and records no
-    ``initial_lr``.
+    ``initial_lr``. It is a ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (so trainers that pass
+    it the metric recognise it) whose methods are all ours.
 
     Args:
         optimizer: object whose ``param_groups`` are scheduled.
@@ -58,7 +62,7 @@ class ReduceLROnPlateau(LRScheduler):
         if factor >= 1.0:
             raise ValueError(f"Factor should be < 1.0, got {factor}")
         require_param_groups(optimizer)
-        _check_modes(mode, threshold_mode)
+        self._init_is_better(mode, threshold, threshold_mode)
         self.factor = factor
         self.optimizer = optimizer
         count = len(optimizer.param_groups)
@@ -75,11 +79,15 @@ class ReduceLROnPlateau(LRScheduler):
         self.eps = eps
         self.last_epoch = 0
         self._last_lr = group_values(optimizer, "lr")
+        self._reset()
+
+    def _init_is_better(self, mode: str, threshold: float, threshold_mode: str) -> None:
+        """Check and set what ``_is_better`` compares by (torch's hook name, for subclasses)."""
+        _check_modes(mode, threshold_mode)
         self.mode = mode
         self.threshold = threshold
         self.threshold_mode = threshold_mode
         self.mode_worse = math.inf if mode == "min" else -math.inf
-        self._reset()
 
     def _reset(self) -> None:
         self.best = self.mode_worse
@@ -112,19 +120,22 @@ class ReduceLROnPlateau(LRScheduler):
             self.cooldown_counter -= 1
             self.num_bad_epochs = 0
         if self.num_bad_epochs > self.patience:
-            self._reduce_lr()
+            self._reduce_lr(self.last_epoch)
             self.cooldown_counter = self.cooldown
             self.num_bad_epochs = 0
         self._last_lr = group_values(self.optimizer, "lr")
 
-    def _reduce_lr(self) -> None:
+    def _reduce_lr(self, epoch: int) -> None:
+        """Cut every group's lr (``epoch`` unused: torch's hook signature, kept for subclasses)."""
         groups = self.optimizer.param_groups
         if len(groups) != len(self.min_lrs):
             if self.default_min_lr is None:
+                # torch's text, which callers match on.
                 raise RuntimeError(
-                    f"The optimizer has {len(groups)} param groups but ReduceLROnPlateau was given "
-                    f"{len(self.min_lrs)} min_lrs (a group was added after it was created); set "
-                    "`min_lrs` to one value per group"
+                    f"The number of param groups in the `optimizer` ({len(groups)}) differs from when "
+                    f"`ReduceLROnPlateau` was initialized ({len(self.min_lrs)}), usually due to a new "
+                    "param group being added to the optimizer. Please modify the `min_lrs` field to "
+                    "match the length of the `optimizer` param groups."
                 )
             self.min_lrs = [self.default_min_lr] * len(groups)
         for group, min_lr in zip(groups, self.min_lrs, strict=True):
@@ -135,4 +146,4 @@ class ReduceLROnPlateau(LRScheduler):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        _check_modes(self.mode, self.threshold_mode)
+        self._init_is_better(self.mode, self.threshold, self.threshold_mode)

@@ -1,10 +1,12 @@
-"""Noticing whether an optimizer has stepped, so a scheduler stepped first can say so.
+"""Noticing whether an optimizer has stepped, by the same protocol as torch's schedulers.
 
-Stepping the scheduler before the optimizer silently skips the first value of a schedule. To warn
-about it a scheduler must learn when the optimizer steps. An optimizer with
-``register_step_post_hook`` (every ``torch.optim.Optimizer``, ours included) gets a post-step hook;
-any other object with a ``step`` gets that method wrapped on the instance. Either way one marker
-per optimizer is set, however many schedulers drive it.
+Stepping the scheduler before the optimizer silently skips the first value of a schedule, so a
+scheduler warns about it at its first ``step()``. To know, torch's schedulers replace the
+optimizer's ``step`` on the instance by a wrapper marked ``_wrapped_by_lr_sched`` that sets
+``optimizer._opt_called = True`` when it runs. Ours use those two names too: a torch scheduler and
+ours on one optimizer wrap it once and read the same flag, so neither misreads the other's wrapper
+as a replaced ``step``. A ``step`` without the mark at a scheduler's first step means it was
+replaced after the scheduler was created.
 """
 
 from __future__ import annotations
@@ -14,14 +16,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-# Attribute names set on the optimizer; prefixed so they cannot collide with torch's or a user's.
-_HOW = "_shardoptim_sched_watch"  # "hook" or "wrapper": how this optimizer's steps are noticed
-_STEPPED = "_shardoptim_sched_stepped"  # True once the optimizer has stepped
-_WRAPPED = "_shardoptim_sched_counts_steps"  # marks our wrapper around ``optimizer.step``
-
-
-def _record_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    setattr(optimizer, _STEPPED, True)
+WRAPPED_MARK = "_wrapped_by_lr_sched"  # set on the wrapper that replaces ``optimizer.step``
+STEPPED_FLAG = "_opt_called"  # set on the optimizer once the wrapper has run
 
 
 def _owner_of(optimizer: Any) -> Callable[[], Any]:
@@ -31,7 +27,7 @@ def _owner_of(optimizer: Any) -> Callable[[], Any]:
         return lambda: optimizer
 
 
-def _wrap_step(optimizer: Any) -> None:
+def _counting_wrapper(optimizer: Any) -> Callable[..., Any]:
     step = optimizer.step
     owner = _owner_of(optimizer)
     if getattr(step, "__self__", None) is optimizer and hasattr(step, "__func__"):
@@ -41,47 +37,43 @@ def _wrap_step(optimizer: Any) -> None:
         @functools.wraps(unbound)
         def counted_step(*args: Any, **kwargs: Any) -> Any:
             opt = owner()
-            setattr(opt, _STEPPED, True)
+            setattr(opt, STEPPED_FLAG, True)
             return unbound(opt, *args, **kwargs)
 
     else:
 
         @functools.wraps(step)
         def counted_step(*args: Any, **kwargs: Any) -> Any:
-            setattr(owner(), _STEPPED, True)
+            setattr(owner(), STEPPED_FLAG, True)
             return step(*args, **kwargs)
 
-    setattr(counted_step, _WRAPPED, True)
-    optimizer.step = counted_step
+    setattr(counted_step, WRAPPED_MARK, True)
+    return counted_step
 
 
-def watch_steps(optimizer: Any) -> None:
-    """Start noticing ``optimizer``'s steps (idempotent; does nothing for an object without ``step``)."""
-    if getattr(optimizer, _HOW, None) is not None:
-        return
+def count_steps(optimizer: Any) -> bool:
+    """Wrap ``optimizer.step`` to flag its calls, unless a scheduler (ours or torch's) already did.
+
+    Returns False when the steps cannot be counted: ``optimizer`` has no ``step``, or refuses the
+    wrapper (an object without instance attributes).
+    """
+    step = getattr(optimizer, "step", None)
+    if step is None:
+        return False
+    if hasattr(step, WRAPPED_MARK):
+        return True
     try:
-        if callable(getattr(optimizer, "register_step_post_hook", None)):
-            optimizer.register_step_post_hook(_record_step)
-            setattr(optimizer, _HOW, "hook")
-        elif callable(getattr(optimizer, "step", None)):
-            _wrap_step(optimizer)
-            setattr(optimizer, _HOW, "wrapper")
-    except AttributeError:  # an object that refuses new attributes cannot be watched
-        return
+        optimizer.step = _counting_wrapper(optimizer)
+    except (AttributeError, TypeError):
+        return False
+    return True
 
 
-def is_watched(optimizer: Any) -> bool:
-    """Whether ``watch_steps`` could attach to ``optimizer``."""
-    return getattr(optimizer, _HOW, None) is not None
+def step_is_wrapped(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` is still a scheduler's counting wrapper."""
+    return hasattr(optimizer.step, WRAPPED_MARK)
 
 
 def has_stepped(optimizer: Any) -> bool:
-    """Whether ``optimizer`` has completed a step since it was first watched."""
-    return bool(getattr(optimizer, _STEPPED, False))
-
-
-def step_was_replaced(optimizer: Any) -> bool:
-    """Whether ``optimizer.step`` was reassigned after our wrapper went on (wrapped optimizers only)."""
-    if getattr(optimizer, _HOW, None) != "wrapper":
-        return False
-    return not getattr(optimizer.step, _WRAPPED, False)
+    """Whether ``optimizer`` has stepped through a counting wrapper."""
+    return bool(getattr(optimizer, STEPPED_FLAG, False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 import warnings
 
 import pytest
@@ -226,3 +227,54 @@ def test_works_with_shardoptim_optimizers():
     assert _warnings_of(scheduler.step) == []
     reference, _, _ = _run(theirs, 1, lrs=(0.2,), swa_lr=0.02, anneal_epochs=3)
     _assert_close_lrs(scheduler.get_last_lr(), reference[-1])
+
+
+def test_is_a_torch_lr_scheduler() -> None:
+    scheduler = ours.SWALR(_optimizer(), swa_lr=0.05)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    assert isinstance(theirs.SWALR(_optimizer(), swa_lr=0.05), torch.optim.lr_scheduler.LRScheduler)
+
+
+@pytest.mark.parametrize("source_module", [ours, theirs], ids=["from_ours", "from_torch"])
+@pytest.mark.parametrize("target_module", [ours, theirs], ids=["into_ours", "into_torch"])
+def test_after_loading_every_attribute_but_the_optimizer_equals_the_source(source_module, target_module):
+    _, source, _ = _run(source_module, 5, swa_lr=0.05, anneal_epochs=3)
+    target = target_module.SWALR(_optimizer(), swa_lr=0.5, anneal_epochs=10, anneal_strategy="linear")
+    target.load_state_dict(source.state_dict())
+    loaded = {key: value for key, value in vars(target).items() if key not in ("optimizer", "anneal_func")}
+    assert loaded == {key: getattr(source, key) for key in loaded}
+    if source_module is target_module:
+        assert set(loaded) == set(vars(source)) - {"optimizer", "anneal_func"}
+
+
+def _caught(action) -> list[tuple[type, str, str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return [(w.category, str(w.message), w.filename) for w in caught]
+
+
+def _order_scenario(module, *, optimizer_first: bool, override: bool, epoch: int | None = None):
+    optimizer = _optimizer()
+    scheduler = module.SWALR(optimizer, swa_lr=0.05, anneal_epochs=3)
+    if override:
+        old_step = optimizer.step
+        optimizer.step = types.MethodType(lambda self, *args, **kwargs: old_step(*args, **kwargs), optimizer)
+
+    def run():
+        for _ in range(3):
+            if optimizer_first:
+                optimizer.step()
+            scheduler.step(epoch)
+            if not optimizer_first:
+                optimizer.step()
+
+    return _caught(run)
+
+
+@pytest.mark.parametrize("epoch", [None, 4])
+@pytest.mark.parametrize("override", [False, True], ids=["step_kept", "step_overridden"])
+@pytest.mark.parametrize("optimizer_first", [True, False], ids=["optimizer_first", "scheduler_first"])
+def test_warnings_are_torchs(optimizer_first, override, epoch):
+    kwargs = {"optimizer_first": optimizer_first, "override": override, "epoch": epoch}
+    assert _order_scenario(ours, **kwargs) == _order_scenario(theirs, **kwargs)

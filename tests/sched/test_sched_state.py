@@ -33,7 +33,7 @@ def test_state_dict_is_plain_json(case: Case) -> None:
     state = scheduler.state_dict()
     assert json_round_trip(state) == state
     assert "optimizer" not in state
-    assert not {"_inside_step", "_is_initial"} & set(state)
+    assert not {"_get_lr_called_within_step", "_is_initial"} & set(state)
 
 
 def test_multistep_milestones_are_sorted_pairs_and_load_from_any_form() -> None:
