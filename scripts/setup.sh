@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) with a CPU build of torch and shardoptim installed editable, with test extras.
+# Create .venv (once) with a CPU build of torch and shardoptim installed editable, with the test and
+# clients extras.
 # Sourced by main.sh and test.sh; safe to run again (it installs only what is missing).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,6 +18,9 @@ if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
   "$VENV_PY" -m pip install --quiet --disable-pip-version-check \
     ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
 fi
-if ! "$VENV_PY" -c "import shardoptim, safetensors, fsspec, pytest" 2>/dev/null; then
-  "$VENV_PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# The test and clients extras, with the installed torch as a constraint: lightning, transformers and
+# accelerate require torch open-ended, and pip must not replace the build installed above.
+if ! "$VENV_PY" -c "import shardoptim, safetensors, fsspec, pytest, expecttest, lightning, transformers, accelerate" 2>/dev/null; then
+  "$VENV_PY" -m pip install --quiet --disable-pip-version-check \
+    -c <("$VENV_PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])") -e ".[test,clients]"
 fi
