@@ -1,12 +1,13 @@
 """shardoptim: torch.optim's algorithms on flat buckets, sharded across ranks when asked."""
 
+from . import checkpoint, ema, sched
 from .algorithms import (
     ASGD, LBFGS, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop, Rprop, SparseAdam,
 )
-from .core import Optimizer
+from .core import Optimizer, ShardingConfig
 
 __all__ = [
     "SGD", "Adam", "AdamW", "Adadelta", "Adagrad", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop",
-    "LBFGS", "SparseAdam", "Optimizer",
+    "LBFGS", "SparseAdam", "Optimizer", "ShardingConfig", "checkpoint", "ema", "sched",
 ]
 __version__ = "0.1.0"

@@ -8,33 +8,31 @@ from typing import Any
 
 from torch import Tensor
 
-from ..core import Check, GroupView, Optimizer, UpdateRule
-from ..core.compiled import CompiledUpdate
+from ..core import Check, HyperParams, Optimizer, ShardingConfig, UpdateRule
 from ..core.hparams import at_least_zero, learning_rate
+from .blocks import gradient, split_arguments
 
 
-def state(h: GroupView) -> dict[str, float]:
+def state(h: HyperParams) -> dict[str, float]:
     return {"square_avg": 0.0, "acc_delta": 0.0}
 
 
-def scalars(h: GroupView, step: int) -> types.SimpleNamespace:
-    return types.SimpleNamespace(lr=float(h.lr))
+def scalars(h: HyperParams, step: int) -> types.SimpleNamespace:
+    return types.SimpleNamespace(lr=h.lr)
 
 
 def update(p, g, s, h, c) -> None:
     r"""One Adadelta step.
 
     .. math::
-        g &\leftarrow \pm g + \lambda p, \qquad v \leftarrow \rho v + (1-\rho) g^2 \\
-        \Delta &\leftarrow \frac{\sqrt{u + \epsilon}}{\sqrt{v + \epsilon}} \, g, \qquad
+        v \leftarrow \rho v + (1-\rho) g^2, \qquad
+        \Delta \leftarrow \frac{\sqrt{u + \epsilon}}{\sqrt{v + \epsilon}} \, g, \qquad
         u \leftarrow \rho u + (1-\rho) \Delta^2, \qquad p \leftarrow p - \eta \Delta
 
-    (:math:`v` is ``square_avg``, :math:`u` is ``acc_delta``; :math:`-g` when maximizing.)
+    (:math:`v` is ``square_avg``, :math:`u` is ``acc_delta``; :math:`g` as
+    :func:`~shardoptim.algorithms.blocks.gradient` leaves it.)
     """
-    if h.maximize:
-        g = -g
-    if h.weight_decay != 0:
-        g = g.add(p, alpha=h.weight_decay)
+    g = gradient(p, g, h, c)
     s.square_avg.mul_(h.rho).addcmul_(g, g, value=1 - h.rho)
     delta = s.acc_delta.add(h.eps).sqrt_().div_(s.square_avg.add(h.eps).sqrt_()).mul_(g)
     s.acc_delta.mul_(h.rho).addcmul_(delta, delta, value=1 - h.rho)
@@ -51,16 +49,15 @@ RULE = UpdateRule(
     state=state,
     update=update,
     scalars=scalars,
-    fused=CompiledUpdate(update, scalars),
+    sparse_error="Adadelta does not support sparse gradients",
 )
 
 
 class Adadelta(Optimizer):
-    """Adadelta on flat buckets; the constructor, defaults and state of ``torch.optim.Adadelta``.
+    """Adadelta on flat buckets: ``torch.optim.Adadelta``'s constructor, defaults, errors and state.
 
-    The update is written out in :func:`update`. The default (and ``fused=True``, an option torch's
-    Adadelta lacks) runs it compiled into one kernel per flat bucket; ``foreach=True`` runs it
-    eagerly on the flat bucket, ``foreach=False`` once per parameter.
+    Fused (the default, and an option torch's Adadelta lacks) is :func:`update` compiled. See
+    :class:`shardoptim.Optimizer`.
     """
 
     rule = RULE
@@ -80,9 +77,7 @@ class Adadelta(Optimizer):
         fused: bool | None = None,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize, capturable=capturable,
-            foreach=foreach, differentiable=differentiable, fused=fused,
-        )
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads)
+        defaults, runtime = split_arguments(locals())
+        super().__init__(params, defaults, **runtime)

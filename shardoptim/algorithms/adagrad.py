@@ -9,37 +9,46 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import GroupView, Optimizer, UpdateRule
+from ..core import HyperParams, Optimizer, ShardingConfig, UpdateRule
 from ..core.hparams import at_least_zero, learning_rate
+from .blocks import gradient, split_arguments
 
 
-def state(h: GroupView) -> dict[str, float]:
-    return {"sum": float(h.initial_accumulator_value)}
+def state(h: HyperParams) -> dict[str, float]:
+    return {"sum": h.initial_accumulator_value}
 
 
-def scalars(h: GroupView, step: int) -> types.SimpleNamespace:
-    return types.SimpleNamespace(neg_clr=-float(h.lr) / (1 + (step - 1) * h.lr_decay))
+def scalars(h: HyperParams, step: int) -> types.SimpleNamespace:
+    return types.SimpleNamespace(neg_clr=-h.lr / (1 + (step - 1) * h.lr_decay))
 
 
 def update(p, g, s, h, c) -> None:
     r"""One Adagrad step.
 
     .. math::
-        g \leftarrow \pm g + \lambda p, \qquad S \leftarrow S + g^2, \qquad
+        S \leftarrow S + g^2, \qquad
         p \leftarrow p - \frac{\eta}{1 + (t-1)\,\delta} \, \frac{g}{\sqrt{S} + \epsilon}
 
     (:math:`S` is ``sum``, starting at ``initial_accumulator_value``; :math:`\delta` is ``lr_decay``;
-    :math:`-g` when maximizing.)
+    :math:`g` as :func:`~shardoptim.algorithms.blocks.gradient` leaves it.)
     """
-    if h.maximize:
-        g = -g
-    if h.weight_decay != 0:
-        g = g.add(p, alpha=h.weight_decay)
+    g = gradient(p, g, h, c)
     s.sum.addcmul_(g, g)
-    p.addcdiv_(g * c.neg_clr, s.sum.sqrt().add_(h.eps))
+    p.addcdiv_(g, s.sum.sqrt().add_(h.eps), value=c.neg_clr)
 
 
-def fused(params, grads, states, steps, h, step) -> None:
+def sparse_update(p, g, s, h, c) -> None:
+    """:func:`update` on the entries a sparse ``g`` holds; other entries keep their values and sums."""
+    if h.weight_decay != 0:
+        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+    g = (-g if h.maximize else g).coalesce()  # the update is not linear in g: repeated entries summed first
+    indices, values = g._indices(), g._values()
+    s.sum.add_(torch.sparse_coo_tensor(indices, values.pow(2), g.shape))
+    std = s.sum.sparse_mask(g)._values().sqrt_().add_(h.eps)
+    p.add_(torch.sparse_coo_tensor(indices, values / std, g.shape), alpha=c.neg_clr)
+
+
+def kernel(params, grads, states, steps, h, step) -> None:
     torch._fused_adagrad_(
         params, grads, states["sum"], steps, lr=h.lr, lr_decay=h.lr_decay, weight_decay=h.weight_decay,
         eps=h.eps, maximize=h.maximize,
@@ -57,18 +66,18 @@ RULE = UpdateRule(
     state=state,
     update=update,
     scalars=scalars,
-    fused=fused,
+    kernel=kernel,
+    sparse_update=sparse_update,
 )
 
 
 class Adagrad(Optimizer):
-    """Adagrad on flat buckets; the constructor, defaults and state of ``torch.optim.Adagrad``.
+    """Adagrad on flat buckets: ``torch.optim.Adagrad``'s constructor, defaults, errors and state.
 
-    The update is written out in :func:`update`. ``fused`` (the default on CPU and CUDA) runs torch's
-    fused Adagrad kernel once per flat bucket; ``foreach=True`` runs the update eagerly on the flat
-    bucket, ``foreach=False`` once per parameter. As in torch, the state (``step`` 0 and ``sum``) of
-    the constructor's parameters exists from the start; a per-group ``initial_accumulator_value`` is
-    honoured (torch uses the constructor's value for every group).
+    As in torch, the state (``step`` 0 and ``sum``) of the constructor's parameters exists from the
+    start; unlike torch, a per-group ``initial_accumulator_value`` is honoured (torch uses the
+    constructor's for every group). Sparse gradients take :func:`sparse_update`. See
+    :class:`shardoptim.Optimizer` for implementations, sharding and the arguments of ours.
     """
 
     rule = RULE
@@ -88,21 +97,28 @@ class Adagrad(Optimizer):
         fused: bool | None = None,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
-            differentiable=differentiable, fused=fused,
-        )
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads)
+        defaults, runtime = split_arguments(locals())
+        super().__init__(params, defaults, **runtime)
+
+    def _after_construction(self) -> None:
+        self._expose_initial_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._expose_initial_state()
+
+    def _expose_initial_state(self) -> None:
         for bucket in self.buckets:
-            initial = RULE.state(GroupView(self.param_groups[bucket.layout.group]))
-            bucket.ensure_state(initial)
-            for position in range(len(bucket.params)):
-                self._expose_state(bucket, position, initial)
+            initial = RULE.state(HyperParams.of(self.param_groups[bucket.layout.group]))
+            bucket.state.allocate(initial)
+            for position, param in enumerate(bucket.params):
+                if param not in self.state:
+                    self._expose_state(bucket, position, initial)
 
     def share_memory(self) -> None:
         """Move the ``sum`` state to shared memory, as ``torch.optim.Adagrad.share_memory`` does."""
         for bucket in self.buckets:
-            for tensor in bucket.state.values():
+            for tensor in bucket.state.tensors.values():
                 tensor.share_memory_()

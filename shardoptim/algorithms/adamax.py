@@ -8,35 +8,34 @@ from typing import Any
 
 from torch import Tensor
 
-from ..core import GroupView, Optimizer, UpdateRule
-from ..core.compiled import CompiledUpdate
+from ..core import HyperParams, Optimizer, ShardingConfig, UpdateRule
 from ..core.hparams import at_least_zero, betas, learning_rate
+from .blocks import first_moment, gradient, moment_scalars, split_arguments
 
 
-def state(h: GroupView) -> dict[str, float]:
+def state(h: HyperParams) -> dict[str, float]:
     return {"exp_avg": 0.0, "exp_inf": 0.0}
 
 
-def scalars(h: GroupView, step: int) -> types.SimpleNamespace:
-    lr, beta1 = float(h.lr), float(h.betas[0])
-    return types.SimpleNamespace(beta1=beta1, beta2=float(h.betas[1]), neg_step_size=-lr / (1 - beta1**step))
+def scalars(h: HyperParams, step: int) -> types.SimpleNamespace:
+    c = moment_scalars(h, step)
+    c.neg_step_size = -c.lr / c.bias_correction1
+    return c
 
 
 def update(p, g, s, h, c) -> None:
     r"""One Adamax step.
 
     .. math::
-        g \leftarrow \pm g + \lambda p, \qquad m \leftarrow \beta_1 m + (1-\beta_1) g, \qquad
+        m \leftarrow \beta_1 m + (1-\beta_1) g, \qquad
         u \leftarrow \max(\beta_2 u, |g| + \epsilon), \qquad
         p \leftarrow p - \frac{\eta}{1-\beta_1^t} \, \frac{m}{u}
 
-    (:math:`m` is ``exp_avg``, :math:`u` is ``exp_inf``; :math:`-g` when maximizing.)
+    (:math:`m` is ``exp_avg``, :math:`u` is ``exp_inf``; :math:`g` as
+    :func:`~shardoptim.algorithms.blocks.gradient` leaves it.)
     """
-    if h.maximize:
-        g = -g
-    if h.weight_decay != 0:
-        g = g.add(p, alpha=h.weight_decay)
-    s.exp_avg.lerp_(g, 1 - c.beta1)
+    g = gradient(p, g, h, c)
+    first_moment(s.exp_avg, g, c)
     s.exp_inf.mul_(c.beta2).clamp_min_(g.abs().add_(h.eps))
     p.addcdiv_(s.exp_avg * c.neg_step_size, s.exp_inf)
 
@@ -47,16 +46,15 @@ RULE = UpdateRule(
     state=state,
     update=update,
     scalars=scalars,
-    fused=CompiledUpdate(update, scalars),
+    sparse_error="Adamax does not support sparse gradients",
 )
 
 
 class Adamax(Optimizer):
-    """Adamax on flat buckets; the constructor, defaults and state of ``torch.optim.Adamax``.
+    """Adamax on flat buckets: ``torch.optim.Adamax``'s constructor, defaults, errors and state.
 
-    Implementations as for :class:`~shardoptim.Adadelta`: compiled by default (also ``fused=True``,
-    which torch's Adamax does not offer), eager on the flat bucket with ``foreach=True``, per
-    parameter with ``foreach=False``.
+    Fused (the default, and an option torch's Adamax lacks) is :func:`update` compiled. See
+    :class:`shardoptim.Optimizer`.
     """
 
     rule = RULE
@@ -76,9 +74,7 @@ class Adamax(Optimizer):
         fused: bool | None = None,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize,
-            differentiable=differentiable, capturable=capturable, fused=fused,
-        )
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads)
+        defaults, runtime = split_arguments(locals())
+        super().__init__(params, defaults, **runtime)

@@ -8,25 +8,24 @@ from typing import Any
 
 from torch import Tensor
 
-from ..core import GroupView, Optimizer, UpdateRule
-from ..core.compiled import CompiledUpdate
+from ..core import HyperParams, Optimizer, ShardingConfig, UpdateRule
 from ..core.hparams import at_least_zero, learning_rate
+from .blocks import gradient, split_arguments
 
 
-def state(h: GroupView) -> dict[str, float]:
+def state(h: HyperParams) -> dict[str, float]:
     return {"ax": 0.0}
 
 
-def scalar_state(h: GroupView, step: int, **previous: float) -> dict[str, float]:
+def scalar_state(h: HyperParams, step: int, **before: Any) -> dict[str, float]:
     """``eta`` and ``mu`` after ``step`` updates, from the group's current ``lr`` alone; they start at ``lr`` and 1."""
-    lr = float(h.lr)
-    return {
-        "eta": lr / (1 + h.lambd * lr * step) ** h.alpha,
-        "mu": 1 / max(1, step - h.t0) if step > 0 else 1.0,
-    }
+    if step == 0:
+        return {"eta": h.lr, "mu": 1.0}
+    return {"eta": h.lr / (1 + h.lambd * h.lr * step) ** h.alpha, "mu": 1 / max(1, step - h.t0)}
 
 
-def scalars(h: GroupView, step: int, eta: float, mu: float) -> types.SimpleNamespace:
+def scalars(h: HyperParams, step: int, before: dict[str, Any], after: dict[str, Any]) -> types.SimpleNamespace:
+    eta, mu = before["eta"], before["mu"]
     return types.SimpleNamespace(eta=eta, decay=1 - h.lambd * eta, mu=mu)
 
 
@@ -34,20 +33,17 @@ def update(p, g, s, h, c) -> None:
     r"""One ASGD step, with :math:`\eta_t, \mu_t` computed after the previous one (see :func:`scalar_state`).
 
     .. math::
-        g &\leftarrow \pm g + w p, \qquad
         p \leftarrow p\,(1 - \lambda \eta_t) - \eta_t g, \qquad
-        \bar{x} \leftarrow \bar{x} + \mu_t (p - \bar{x}) \\
-        \eta_{t+1} &= \frac{\gamma}{(1 + \lambda \gamma t)^\alpha}, \qquad
+        \bar{x} \leftarrow \bar{x} + \mu_t (p - \bar{x}), \qquad
+        \eta_{t+1} = \frac{\gamma}{(1 + \lambda \gamma t)^\alpha}, \qquad
         \mu_{t+1} = \frac{1}{\max(1, t - t_0)}, \qquad \eta_1 = \gamma, \quad \mu_1 = 1
 
-    (:math:`\bar{x}` is ``ax``, :math:`w` ``weight_decay``, :math:`\lambda` ``lambd``; :math:`\gamma`
-    is the ``lr`` at the step that computes :math:`\eta_{t+1}`, so a new ``lr`` acts one step later;
-    :math:`\mu_t = 1` makes :math:`\bar{x}` a copy of :math:`p`; :math:`-g` when maximizing.)
+    (:math:`\bar{x}` is ``ax``, :math:`\lambda` ``lambd``; :math:`\gamma` is the ``lr`` at the step
+    that computes :math:`\eta_{t+1}`, so a new ``lr`` acts one step later; :math:`\mu_t = 1` makes
+    :math:`\bar{x}` a copy of :math:`p`; :math:`g` as :func:`~shardoptim.algorithms.blocks.gradient`
+    leaves it.)
     """
-    if h.maximize:
-        g = -g
-    if h.weight_decay != 0:
-        g = g.add(p, alpha=h.weight_decay)
+    g = gradient(p, g, h, c)
     p.mul_(c.decay).sub_(g * c.eta)
     s.ax.lerp_(p, c.mu)
 
@@ -57,17 +53,17 @@ RULE = UpdateRule(
     state=state,
     update=update,
     scalars=scalars,
-    fused=CompiledUpdate(update, scalars),
     scalar_state=scalar_state,
+    sparse_error="ASGD does not support sparse gradients",
 )
 
 
 class ASGD(Optimizer):
-    """ASGD on flat buckets; the constructor, defaults and state of ``torch.optim.ASGD``.
+    """ASGD on flat buckets: ``torch.optim.ASGD``'s constructor, defaults, errors and state.
 
-    ``state[p]`` holds ``step``, ``eta``, ``mu`` (0-D) and the average ``ax``, as in torch; ``eta``
-    and ``mu`` are kept once per parameter in its bucket. Implementations as for
-    :class:`~shardoptim.Adadelta` (``fused=True`` is ours; torch's ASGD has no fused kernel).
+    ``state[p]`` holds ``step``, ``eta``, ``mu`` (0-D, per parameter) and the average ``ax``, as in
+    torch. Fused (the default, and an option torch's ASGD lacks) is :func:`update` compiled. See
+    :class:`shardoptim.Optimizer`.
     """
 
     rule = RULE
@@ -88,9 +84,7 @@ class ASGD(Optimizer):
         fused: bool | None = None,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, foreach=foreach,
-            maximize=maximize, differentiable=differentiable, capturable=capturable, fused=fused,
-        )
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads)
+        defaults, runtime = split_arguments(locals())
+        super().__init__(params, defaults, **runtime)

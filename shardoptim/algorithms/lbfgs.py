@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import BucketLayout, FlatBucket, Optimizer, ParamSpec, plan_buckets
+from ..core import BucketLayout, FlatBucket, Optimizer, ParamSpec, ShardingConfig, plan_buckets
 from ..core.hparams import learning_rate
 
 #: Numbers that travel through the line search: Python numbers or 0-D tensors, exactly as they arise
@@ -59,13 +59,13 @@ class ParameterVector:
         """Bring every parameter's gradient into the buckets' ``flat_grad``: None counts as zeros, as in
         torch; a sparse gradient is densified there and stays sparse in ``.grad``."""
         for bucket in self._buckets:
-            for position, (param, view) in enumerate(zip(bucket.params, bucket.grad_views)):
+            for position, param in enumerate(bucket.params):
                 if param.grad is None:
-                    view.zero_()
+                    bucket.grad_view(position).zero_()
                 elif param.grad.is_sparse:
-                    view.copy_(param.grad.to_dense())
+                    bucket.densify_grad(position)
                 else:
-                    bucket.adopt_grad(position)
+                    bucket.take_grad(position)
 
     def grad(self) -> Tensor:
         """The gradient vector: a view of the bucket when there is one (valid until the next closure call)."""
@@ -238,20 +238,20 @@ class LBFGS(Optimizer):
         *,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, max_iter=max_iter, max_eval=max_iter * 5 // 4 if max_eval is None else max_eval,
             tolerance_grad=tolerance_grad, tolerance_change=tolerance_change, history_size=history_size,
             line_search_fn=line_search_fn,
         )
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads)
+        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads, sharding=sharding)
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
-        self._vector = ParameterVector(self._buckets, self.param_groups[0]["params"])
 
     def _plan_buckets(self, specs: Sequence[ParamSpec]) -> tuple[BucketLayout, ...]:
         # No alignment gaps: the flat buffer is then exactly torch's concatenated parameter vector.
-        return plan_buckets(specs, world_size=self._comm.world_size, alignment=1)
+        return plan_buckets(specs, alignment=1)
 
     def _evaluation(self, loss: Any) -> tuple[float, Tensor]:
         """A closure call's loss as a number and the gradient vector it left (a view of the bucket).
@@ -261,11 +261,15 @@ class LBFGS(Optimizer):
         from the same averages).
         """
         self._vector.collect_grads()
-        if self.reduce_grads:
-            self._comm.average_grads(self._buckets)
+        comm = self._comm
+        if self.reduce_grads and comm.world_size > 1:
+            for pending in [comm.launch_average(b.flat_grad, b.flat_grad) for b in self._buckets]:
+                pending.wait()
         # The loss is averaged even when DDP averaged the gradients: ranks that saw different data
         # would otherwise take different line-search decisions and fall out of step.
-        return self._comm.mean_over_ranks(float(loss)), self._vector.grad()
+        total = torch.tensor(float(loss), dtype=torch.float64, device=comm.small_device)
+        comm.launch_reduce(total, "sum").wait()
+        return total.item() / comm.world_size, self._vector.grad()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
@@ -276,6 +280,8 @@ class LBFGS(Optimizer):
         if len(self.param_groups) != 1:
             raise AssertionError(f"Expected exactly one param_group, but got {len(self.param_groups)}")
         closure = torch.enable_grad()(closure)
+        self._check_params()
+        self._vector = ParameterVector(self._buckets, self.param_groups[0]["params"])
         group = self.param_groups[0]
         lr = group["lr"].reshape(()) if isinstance(group["lr"], Tensor) else group["lr"]
         max_iter, max_eval = group["max_iter"], group["max_eval"]

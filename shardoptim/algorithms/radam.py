@@ -8,44 +8,33 @@ from typing import Any
 
 from torch import Tensor
 
-from ..core import GroupView, Optimizer, UpdateRule
-from ..core.compiled import CompiledUpdate
+from ..core import HyperParams, Optimizer, ShardingConfig, UpdateRule
 from ..core.hparams import at_least_zero, betas, learning_rate
+from .blocks import first_moment, gradient, moment_scalars, second_moment, split_arguments
 
 
-def state(h: GroupView) -> dict[str, float]:
+def state(h: HyperParams) -> dict[str, float]:
     return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
 
-def scalars(h: GroupView, step: int) -> types.SimpleNamespace:
-    lr, beta1, beta2 = float(h.lr), float(h.betas[0]), float(h.betas[1])
-    bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
-    rho_inf = 2 / (1 - beta2) - 1
-    rho_t = rho_inf - 2 * step * beta2**step / bias_correction2
+def scalars(h: HyperParams, step: int) -> types.SimpleNamespace:
+    c = moment_scalars(h, step)
+    rho_inf = 2 / (1 - c.beta2) - 1
+    rho_t = rho_inf - 2 * step * c.beta2**step / c.bias_correction2
     # The branch on rho_t is decided here, on the host, and folded into two step sizes of which one is
     # zero: the update has no branch, and its compiled form one graph for both regimes.
     if rho_t > 5:
         rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
-        adaptive_step, plain_step = -lr * rect * bias_correction2**0.5 / bias_correction1, 0.0
+        c.adaptive_step, c.plain_step = -c.lr * rect * c.bias_correction2**0.5 / c.bias_correction1, 0.0
     else:
-        adaptive_step, plain_step = 0.0, -lr / bias_correction1
-    return types.SimpleNamespace(
-        decay=1 - lr * h.weight_decay,
-        one_minus_beta1=1 - beta1,
-        beta2=beta2,
-        one_minus_beta2=1 - beta2,
-        adaptive_step=adaptive_step,
-        plain_step=plain_step,
-    )
+        c.adaptive_step, c.plain_step = 0.0, -c.lr / c.bias_correction1
+    return c
 
 
 def update(p, g, s, h, c) -> None:
     r"""One RAdam step.
 
     .. math::
-        g &\leftarrow -g \text{ if maximize};\quad
-        \begin{cases} p \leftarrow p(1 - \eta\lambda) & \text{decoupled} \\
-                      g \leftarrow g + \lambda p & \text{otherwise} \end{cases} \\
         m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2,
         \qquad \rho_\infty = \tfrac{2}{1-\beta_2} - 1,
         \qquad \rho_t = \rho_\infty - \tfrac{2 t \beta_2^t}{1-\beta_2^t} \\
@@ -53,16 +42,12 @@ def update(p, g, s, h, c) -> None:
             r_t \sqrt{1-\beta_2^t}\, \frac{m}{\sqrt{v} + \epsilon} & \rho_t > 5 \\
             m & \text{otherwise} \end{cases}, \qquad
         r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+
+    (:math:`g` as :func:`~shardoptim.algorithms.blocks.gradient` leaves it.)
     """
-    if h.maximize:
-        g = -g
-    if h.weight_decay != 0:
-        if h.decoupled_weight_decay:
-            p.mul_(c.decay)
-        else:
-            g = g.add(p, alpha=h.weight_decay)
-    s.exp_avg.lerp_(g, c.one_minus_beta1)
-    s.exp_avg_sq.mul_(c.beta2).addcmul_(g, g * c.one_minus_beta2)
+    g = gradient(p, g, h, c)
+    first_moment(s.exp_avg, g, c)
+    second_moment(s.exp_avg_sq, g, c)
     # Per element, the step per unit of exp_avg; adaptive_step or plain_step is zero (see scalars).
     rate = s.exp_avg_sq.sqrt().add_(h.eps).reciprocal_().mul_(c.adaptive_step).add_(c.plain_step)
     p.addcmul_(s.exp_avg, rate)
@@ -78,16 +63,15 @@ RULE = UpdateRule(
     state=state,
     update=update,
     scalars=scalars,
-    fused=CompiledUpdate(update, scalars),
+    sparse_error="RAdam does not support sparse gradients",
 )
 
 
 class RAdam(Optimizer):
-    """RAdam on flat buckets; the constructor, defaults and state of ``torch.optim.RAdam``.
+    """RAdam on flat buckets: ``torch.optim.RAdam``'s constructor, defaults, errors and state.
 
-    The update is written out in :func:`update`; the default (and ``fused=True``, an option torch's
-    RAdam lacks) runs it compiled into one kernel per flat bucket, ``foreach=True`` eagerly on the
-    flat bucket, ``foreach=False`` once per parameter.
+    Fused (the default, and an option torch's RAdam lacks) is :func:`update` compiled. See
+    :class:`shardoptim.Optimizer`.
     """
 
     rule = RULE
@@ -108,9 +92,7 @@ class RAdam(Optimizer):
         differentiable: bool = False,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-        )
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads)
+        defaults, runtime = split_arguments(locals())
+        super().__init__(params, defaults, **runtime)

@@ -8,12 +8,12 @@ from typing import Any
 
 from torch import Tensor
 
-from ..core import GroupView, Optimizer, UpdateRule
-from ..core.compiled import CompiledUpdate
+from ..core import HyperParams, Optimizer, ShardingConfig, UpdateRule
 from ..core.hparams import at_least_zero, learning_rate
+from .blocks import gradient, split_arguments
 
 
-def state(h: GroupView) -> dict[str, float]:
+def state(h: HyperParams) -> dict[str, float]:
     names = {"square_avg": 0.0}
     if h.momentum > 0:
         names["momentum_buffer"] = 0.0
@@ -22,28 +22,25 @@ def state(h: GroupView) -> dict[str, float]:
     return names
 
 
-def scalars(h: GroupView, step: int) -> types.SimpleNamespace:
+def scalars(h: HyperParams, step: int) -> types.SimpleNamespace:
     # momentum is read from here, not from h: a cyclic scheduler may change it every step.
-    return types.SimpleNamespace(lr=float(h.lr), momentum=float(h.momentum), has_momentum=h.momentum > 0)
+    return types.SimpleNamespace(lr=h.lr, momentum=h.momentum, has_momentum=h.momentum > 0)
 
 
 def update(p, g, s, h, c) -> None:
     r"""One RMSprop step.
 
     .. math::
-        g &\leftarrow \pm g + \lambda p, \qquad v \leftarrow \alpha v + (1-\alpha) g^2, \qquad
+        v &\leftarrow \alpha v + (1-\alpha) g^2, \qquad
         \bar g \leftarrow \alpha \bar g + (1-\alpha) g \text{ if centered} \\
         d &= \sqrt{v - \bar g^2} + \epsilon \text{ if centered, else } \sqrt{v} + \epsilon, \qquad
         \begin{cases} b \leftarrow \mu b + g / d, \quad p \leftarrow p - \eta b & \mu > 0 \\
                       p \leftarrow p - \eta\, g / d & \text{otherwise} \end{cases}
 
     (:math:`v` is ``square_avg``, :math:`\bar g` ``grad_avg``, :math:`b` ``momentum_buffer``;
-    :math:`-g` when maximizing.)
+    :math:`g` as :func:`~shardoptim.algorithms.blocks.gradient` leaves it.)
     """
-    if h.maximize:
-        g = -g
-    if h.weight_decay != 0:
-        g = g.add(p, alpha=h.weight_decay)
+    g = gradient(p, g, h, c)
     s.square_avg.mul_(h.alpha).addcmul_(g, g, value=1 - h.alpha)
     if h.centered:
         s.grad_avg.lerp_(g, 1 - h.alpha)
@@ -69,17 +66,16 @@ RULE = UpdateRule(
     state=state,
     update=update,
     scalars=scalars,
-    fused=CompiledUpdate(update, scalars),
+    sparse_error="RMSprop does not support sparse gradients",
 )
 
 
 class RMSprop(Optimizer):
-    """RMSprop on flat buckets; the constructor, defaults and state of ``torch.optim.RMSprop``.
+    """RMSprop on flat buckets: ``torch.optim.RMSprop``'s constructor, defaults, errors and state.
 
     ``state[p]`` holds ``step`` and ``square_avg``, plus ``momentum_buffer`` when ``momentum > 0`` and
-    ``grad_avg`` when ``centered``, as in torch. The update is written out in :func:`update`; the
-    default (and ``fused=True``, an option torch's RMSprop lacks) runs it compiled into one kernel per
-    flat bucket, ``foreach=True`` eagerly on the flat bucket, ``foreach=False`` once per parameter.
+    ``grad_avg`` when ``centered``, as in torch. Fused (the default, and an option torch's RMSprop
+    lacks) is :func:`update` compiled. See :class:`shardoptim.Optimizer`.
     """
 
     rule = RULE
@@ -93,7 +89,7 @@ class RMSprop(Optimizer):
         weight_decay: float = 0,
         momentum: float = 0,
         centered: bool = False,
-        # torch's RMSprop takes its flags positionally too
+        # torch's RMSprop takes these flags positionally too
         capturable: bool = False,
         foreach: bool | None = None,
         maximize: bool = False,
@@ -102,9 +98,7 @@ class RMSprop(Optimizer):
         fused: bool | None = None,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
-            capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable, fused=fused,
-        )
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads)
+        defaults, runtime = split_arguments(locals())
+        super().__init__(params, defaults, **runtime)

@@ -8,17 +8,17 @@ from typing import Any
 
 from torch import Tensor
 
-from ..core import Check, GroupView, Optimizer, UpdateRule
-from ..core.compiled import CompiledUpdate
+from ..core import Check, HyperParams, Optimizer, ShardingConfig, UpdateRule
 from ..core.hparams import learning_rate
+from .blocks import gradient, split_arguments
 
 
-def state(h: GroupView) -> dict[str, float]:
+def state(h: HyperParams) -> dict[str, float]:
     # Step sizes start at the learning rate; lr plays no other part.
-    return {"prev": 0.0, "step_size": float(h.lr)}
+    return {"prev": 0.0, "step_size": h.lr}
 
 
-def scalars(h: GroupView, step: int) -> types.SimpleNamespace:
+def scalars(h: HyperParams, step: int) -> types.SimpleNamespace:
     # Nothing per step: the update reads only etas, step_sizes and maximize, which schedulers leave alone.
     return types.SimpleNamespace()
 
@@ -38,8 +38,7 @@ def update(p, g, s, h, c) -> None:
     :math:`(\eta_-, \eta_+)`, ``step_sizes`` :math:`(\delta_{\min}, \delta_{\max})`.)
     """
     eta_minus, eta_plus = h.etas
-    if h.maximize:
-        g = -g
+    g = gradient(p, g, h, c)
     # Indicator arithmetic instead of masked assignment keeps every operation a foreach kernel; exactly
     # one of the three terms of the factor is nonzero, so it equals eta+, eta- or 1 bit for bit.
     sign = g.mul(s.prev).sign_()
@@ -59,17 +58,15 @@ RULE = UpdateRule(
     state=state,
     update=update,
     scalars=scalars,
-    fused=CompiledUpdate(update, scalars),
+    sparse_error="Rprop does not support sparse gradients",
 )
 
 
 class Rprop(Optimizer):
-    """Rprop on flat buckets; the constructor, defaults and state of ``torch.optim.Rprop``.
+    """Rprop on flat buckets: ``torch.optim.Rprop``'s constructor, defaults, errors and state.
 
-    ``state[p]`` holds ``step``, ``prev`` and ``step_size`` as in torch. The update is written out in
-    :func:`update`; the default (and ``fused=True``, an option torch's Rprop lacks) runs it compiled
-    into one kernel per flat bucket, ``foreach=True`` eagerly on the flat bucket, ``foreach=False`` once
-    per parameter.
+    ``state[p]`` holds ``step``, ``prev`` and ``step_size`` as in torch. Fused (the default, and an
+    option torch's Rprop lacks) is :func:`update` compiled. See :class:`shardoptim.Optimizer`.
     """
 
     rule = RULE
@@ -88,9 +85,7 @@ class Rprop(Optimizer):
         differentiable: bool = False,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, etas=etas, step_sizes=step_sizes, foreach=foreach, maximize=maximize,
-            differentiable=differentiable, capturable=capturable, fused=fused,
-        )
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads)
+        defaults, runtime = split_arguments(locals())
+        super().__init__(params, defaults, **runtime)

@@ -9,48 +9,61 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import Check, GroupView, Optimizer, UpdateRule
+from ..core import Check, HyperParams, Optimizer, ShardingConfig, UpdateRule
 from ..core.hparams import at_least_zero, learning_rate
+from .blocks import gradient, split_arguments
 
 
-def state(h: GroupView) -> dict[str, float]:
+def state(h: HyperParams) -> dict[str, float]:
     return {"momentum_buffer": 0.0} if h.momentum != 0 else {}
 
 
-def scalars(h: GroupView, step: int) -> types.SimpleNamespace:
-    return types.SimpleNamespace(lr=float(h.lr), weight_decay=float(h.weight_decay), first_step=step == 1)
+def scalars(h: HyperParams, step: int) -> types.SimpleNamespace:
+    return types.SimpleNamespace(lr=h.lr, first_step=step == 1)
+
+
+def _direction(g, buf, h, c):
+    """The step direction once the momentum buffer holds this step's value."""
+    return g.add(buf, alpha=h.momentum) if h.nesterov else buf
 
 
 def update(p, g, s, h, c) -> None:
     r"""One SGD step.
 
     .. math::
-        g \leftarrow \pm g + \lambda p;\quad
         b \leftarrow \begin{cases} g & t = 1 \\ \mu b + (1-\tau) g & t > 1 \end{cases};\quad
         d \leftarrow \begin{cases} g + \mu b & \text{nesterov} \\ b & \text{otherwise} \end{cases};\quad
         p \leftarrow p - \eta d
 
-    (:math:`-g` when maximizing; no buffer when :math:`\mu = 0`, then :math:`d = g`.)
+    (:math:`g` as :func:`~shardoptim.algorithms.blocks.gradient` leaves it; no buffer when
+    :math:`\mu = 0`, then :math:`d = g`.)
     """
-    if h.maximize:
-        g = -g
-    if c.weight_decay != 0:
-        g = g.add(p, alpha=c.weight_decay)
+    g = gradient(p, g, h, c)
     if h.momentum != 0:
         buf = s.momentum_buffer
         if c.first_step:
             buf.copy_(g)
         else:
             buf.mul_(h.momentum).add_(g, alpha=1 - h.dampening)
-        g = g.add(buf, alpha=h.momentum) if h.nesterov else buf
+        g = _direction(g, buf, h, c)
     p.add_(g, alpha=-c.lr)
 
 
-def fused(params, grads, states, steps, h, step) -> None:
+def sparse_update(p, g, s, h, c) -> None:
+    """:func:`update` for a sparse ``g`` (``nn.Embedding(sparse=True)``): the buffer starts from zeros
+    plus ``g``, since a dense tensor cannot ``copy_`` a sparse one."""
+    if h.momentum != 0 and c.first_step:
+        g = gradient(p, g, h, c)
+        s.momentum_buffer.zero_().add_(g)
+        p.add_(_direction(g, s.momentum_buffer, h, c), alpha=-c.lr)
+        return
+    update(p, g, s, h, c)
+
+
+def kernel(params, grads, states, steps, h, step) -> None:
     torch._fused_sgd_(
-        params, grads, states.get("momentum_buffer", []), weight_decay=float(h.weight_decay),
-        momentum=h.momentum, lr=h.lr, dampening=h.dampening, nesterov=h.nesterov, maximize=h.maximize,
-        is_first_step=step == 1,
+        params, grads, states.get("momentum_buffer", []), weight_decay=h.weight_decay, momentum=h.momentum,
+        lr=h.lr, dampening=h.dampening, nesterov=h.nesterov, maximize=h.maximize, is_first_step=step == 1,
     )
 
 
@@ -68,15 +81,17 @@ RULE = UpdateRule(
     state=state,
     update=update,
     scalars=scalars,
-    fused=fused,
+    kernel=kernel,
     step_in_state=False,
+    sparse_update=sparse_update,
 )
 
 
 class SGD(Optimizer):
-    """SGD on flat buckets; the constructor, defaults and state of ``torch.optim.SGD``.
+    """SGD on flat buckets: ``torch.optim.SGD``'s constructor, defaults, errors and state.
 
-    The update is written out in :func:`update`; implementations as for :class:`~shardoptim.Adam`.
+    The update is written out in :func:`update`; sparse gradients take :func:`sparse_update`. See
+    :class:`shardoptim.Optimizer` for implementations, sharding and the arguments of ours.
     """
 
     rule = RULE
@@ -96,9 +111,7 @@ class SGD(Optimizer):
         fused: bool | None = None,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
-        )
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads)
+        defaults, runtime = split_arguments(locals())
+        super().__init__(params, defaults, **runtime)

@@ -16,15 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import BucketLayout, Check, GroupView, Optimizer, ParamSpec
+from ..core import BucketLayout, Check, Comm, HyperParams, Optimizer, ParamSpec, ShardingConfig
 from ..core.hparams import betas, learning_rate
+from .blocks import split_arguments
 
 
-def state(h: GroupView) -> dict[str, float]:
+def state(h: HyperParams) -> dict[str, float]:
     return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
 
 
-def scalars(h: GroupView, step: int) -> types.SimpleNamespace:
+def scalars(h: HyperParams, step: int) -> types.SimpleNamespace:
     # A tensor lr stays a tensor, as in torch, so the step size is rounded as torch rounds it.
     lr = h.lr.reshape(()) if isinstance(h.lr, Tensor) else h.lr
     beta1, beta2 = h.betas
@@ -54,7 +55,7 @@ class Rows:
             t.index_put_(self._index, increment, accumulate=True)
 
 
-def update(p: Tensor, g: Tensor, s: types.SimpleNamespace, h: GroupView, c: types.SimpleNamespace) -> None:
+def update(p: Tensor, g: Tensor, s: types.SimpleNamespace, h: HyperParams, c: types.SimpleNamespace) -> None:
     r"""One SparseAdam step of dense ``p`` and its state on the entries :math:`I` of sparse gradient ``g``.
 
     .. math::
@@ -111,9 +112,10 @@ class SparseAdam(Optimizer):
         *,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, maximize=maximize)
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads)
+        defaults, runtime = split_arguments(locals())
+        super().__init__(params, defaults, **runtime)
         sparse = _positions(self.param_groups, lambda p: p.is_sparse)
         if sparse:
             raise ValueError(f"Sparse params at indices {sparse}: SparseAdam requires dense parameter tensors")
@@ -123,6 +125,18 @@ class SparseAdam(Optimizer):
 
     def _plan_buckets(self, specs: Sequence[ParamSpec]) -> tuple[BucketLayout, ...]:
         return ()
+
+    def _after_construction(self) -> None:
+        self._grads_averaged = False  # by clip_grad_norm_, for the step to come
+
+    def _prepare_unbucketed_grads(self) -> None:
+        if self.reduce_grads and not self._grads_averaged:
+            average_sparse_grads(self._comm, [p for group in self.param_groups for p in group["params"]])
+            self._grads_averaged = True
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grads_averaged = False
+        super().zero_grad(set_to_none)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -135,11 +149,13 @@ class SparseAdam(Optimizer):
         # Checked before anything moves (torch raises midway, after updating earlier groups).
         if not all(p.grad.is_sparse for _, p in work):
             raise RuntimeError("SparseAdam does not support dense gradients, please consider Adam instead")
-        if self.reduce_grads:  # replicated: a collective; a parameter with a gradient on any rank moves
-            self._comm.average_sparse_grads([p for group in self.param_groups for p in group["params"]])
+        if self.reduce_grads and not self._grads_averaged:
+            # Replicated: a collective; a parameter with a gradient on any rank moves.
+            average_sparse_grads(self._comm, [p for group in self.param_groups for p in group["params"]])
             work = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self._grads_averaged = False
         for group, p in work:
-            h = GroupView(group)
+            h = HyperParams.of(group, keep_tensors=True)
             entry = self.state[p]
             if not entry:
                 entry["step"] = 0
@@ -148,6 +164,31 @@ class SparseAdam(Optimizer):
             s = types.SimpleNamespace(**{name: entry[name] for name in state(h)})
             update(p, p.grad, s, h, scalars(h, entry["step"]))
         return loss
+
+
+def average_sparse_grads(comm: Comm, params: Sequence[Tensor]) -> None:
+    """Replace each parameter's sparse ``.grad`` by its average over ranks (its rows: the union).
+
+    A parameter with a gradient on some rank gets one on every rank (an empty one stands in where a
+    rank has none, with one sparse dimension as ``nn.Embedding(sparse=True)`` produces); one without
+    anywhere keeps None. Collective when ``comm`` spans several ranks.
+    """
+    if comm.world_size == 1:
+        return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=comm.small_device)
+    comm.launch_reduce(present, "max").wait()
+    for param, anywhere in zip(params, present.tolist()):
+        if not anywhere:
+            continue
+        grad = param.grad
+        if grad is None:
+            grad = torch.sparse_coo_tensor(
+                torch.empty(1, 0, dtype=torch.long, device=param.device),
+                torch.empty(0, *param.shape[1:], dtype=param.dtype, device=param.device),
+                param.shape,
+            )
+        comm.launch_reduce(grad, "sum").wait()
+        param.grad = grad.coalesce().div_(comm.world_size)
 
 
 def _positions(groups: Sequence[dict[str, Any]], predicate: Callable[[Tensor], bool]) -> list[list[int]]:

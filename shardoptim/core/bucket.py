@@ -1,14 +1,16 @@
-"""``FlatBucket``: parameters, gradients and optimizer state of one layout as flat 1-D buffers."""
+"""``FlatBucket``: the parameters and gradients of one layout as flat 1-D buffers, and its shard's state."""
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from .alias import alias, aliases_buffer
 from .layout import BucketLayout, Segment
+from .shard_state import ShardState
 
 #: Fresh gradients of at least this many elements are left where autograd put them in a bucket that
 #: ``keeps_large_grads``: copying them into ``flat_grad`` is a full extra pass over them during backward
@@ -16,105 +18,176 @@ from .layout import BucketLayout, Segment
 #: in place. Smaller ones are still copied: a list entry more costs more than copying them.
 LARGE_GRAD_NUMEL = 1 << 15
 
-
-def _scalar_dtype() -> torch.dtype:
-    # torch stores ``step`` in float64 when that is the default dtype, else in float32.
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+#: ``(start, stop, grad)``: a piece of the shard; ``grad`` None means that slice of ``shard_grad``.
+Piece = tuple[int, int, "Tensor | None"]
 
 
 class FlatBucket:
-    """One bucket's storage, materialised from its ``BucketLayout``.
+    """One bucket's storage, materialised from its ``BucketLayout`` for this rank.
 
-    On construction every parameter's ``.data`` is re-pointed to a view of ``flat_param`` (the
-    ``nn.Parameter`` objects themselves stay the same) and a post-accumulate-grad hook moves a freshly
-    allocated gradient into its view of ``flat_grad`` as soon as autograd produces it, so ``step()``
-    finds the whole bucket's gradient in one tensor. A gradient that is already that view (accumulated
-    in place, or kept by ``zero_grad(set_to_none=False)``) costs nothing. When ``keeps_large_grads``
-    (set by the optimizer), a large gradient stays the parameter's own tensor (see ``LARGE_GRAD_NUMEL``)
-    until ``step()`` either passes it to the fused kernel as it is or adopts it.
+    Every parameter's ``.data`` is re-pointed to its range of ``flat_param`` as an alias with a
+    storage of its own (:mod:`shardoptim.core.alias`); the ``nn.Parameter`` objects stay the same.
+    Gradients live in ``flat_grad`` the same way: a parameter's ``.grad`` is its alias there, which
+    autograd accumulates into in place; a freshly allocated gradient is moved there by the
+    post-accumulate-grad hook (or by ``take_grad`` in ``step()``). Only parameters that require grad
+    get hooks (``ensure_hooks`` adds them for parameters unfrozen later); a gradient assigned by hand
+    is found by ``take_grad``.
 
-    Optimizer state covers only this rank's shard: ``state[name]`` is a 1-D tensor of
-    ``layout.shard_numel`` elements; a complex state starts at ``complex(v, v)`` for an initial value
-    ``v``, as torch fills it. ``steps`` counts each parameter's updates; ``scalar_state[name]`` holds one
-    value per parameter (see ``UpdateRule.scalar_state``).
+    ``shard_param`` and ``shard_grad`` are this rank's range. Sharded with ``shard_grads`` (ZeRO-2),
+    ``shard_grad`` is a buffer of its own and ``flat_grad`` exists only from a step's first gradient
+    until ``release_grads()``; otherwise ``shard_grad`` is a view of ``flat_grad``, which persists.
+    ``state`` is the optimizer state of the shard.
     """
 
-    def __init__(self, layout: BucketLayout, params: Sequence[Tensor], rank: int = 0) -> None:
+    def __init__(
+        self,
+        layout: BucketLayout,
+        params: Sequence[Tensor],
+        *,
+        rank: int = 0,
+        shard_grads: bool = False,
+        on_grad_ready: Callable[[FlatBucket, int], None] | None = None,
+        on_grad_arriving: Callable[[FlatBucket, int], None] | None = None,
+    ) -> None:
         self.layout = layout
         self.params = list(params)
-        kwargs = {"dtype": layout.dtype, "device": layout.device}
-        self.flat_param = torch.zeros(layout.numel, **kwargs)
-        self.flat_grad = torch.zeros(layout.numel, **kwargs)
-        lo, hi = layout.shard_range(rank)
-        self.shard_param = self.flat_param[lo:hi]
-        self.shard_grad = self.flat_grad[lo:hi]
+        self.rank = rank
+        self.start, self.stop = layout.shard_range(rank)
         self.segments: tuple[Segment, ...] = layout.segments(rank)
         self._segment_by_slot = {segment.slot: segment for segment in self.segments}
-        self.state: dict[str, Tensor] = {}
-        self.steps = [0] * len(layout.slots)
-        self.step_tensor = torch.zeros(len(layout.slots), dtype=_scalar_dtype(), device=layout.device)
-        self.scalar_state: dict[str, Tensor] = {}
-        self.grad_views: list[Tensor] = []
+        self.state = ShardState(layout, rank)
         self.keeps_large_grads = False
-
+        #: Extra updates per step of a parameter listed more than once in its group (torch updates it
+        #: once per listing), by position.
+        self.repeats: dict[int, int] = {}
+        self.shard_grads = shard_grads and layout.is_sharded
+        self.on_grad_ready = on_grad_ready
+        self.on_grad_arriving = on_grad_arriving
+        kwargs = {"dtype": layout.dtype, "device": layout.device}
+        self.flat_param = torch.zeros(layout.numel, **kwargs)
+        self.shard_param = self.flat_param[self.start : self.stop]
+        self.flat_grad: Tensor | None = None
+        self._grad_views: list[Tensor] = []
+        self._gaps = _gaps(layout)
         with torch.no_grad():
-            for slot, param in zip(layout.slots, self.params):
-                view = self.flat_param[slot.offset : slot.end]
-                view.copy_(param.detach().reshape(-1))
-                param.data = view.view(slot.shape)
-                grad_view = self.flat_grad[slot.offset : slot.end].view(slot.shape)
-                self.grad_views.append(grad_view)
-                if param.grad is not None:
-                    grad_view.copy_(param.grad)
-                    param.grad = grad_view
+            for position, param in enumerate(self.params):
+                self.adopt_param(position)
+            if self.shard_grads:
+                self.shard_grad = torch.zeros(self.stop - self.start, **kwargs)
+            else:
+                self._allocate_grads(zeroed=True)
+                self.shard_grad = self.flat_grad[self.start : self.stop]
+            for position in range(len(self.params)):
+                self.take_grad(position)
+        self._hooks: list[list] = [[] for _ in self.params]
+        self.ensure_hooks()
+        weakref.finalize(self, _remove_hooks, self._hooks)
 
-        handles = [
-            param.register_post_accumulate_grad_hook(_grad_adopter(weakref.ref(self), position))
-            for position, param in enumerate(self.params)
-        ]
-        weakref.finalize(self, _remove_hooks, handles)
+    @property
+    def is_sharded(self) -> bool:
+        return self.layout.is_sharded
 
-    def adopt_grad(self, position: int, *, keep_large: bool = False) -> bool:
-        """Make the parameter's ``.grad`` its view of ``flat_grad``; return whether it has a gradient.
+    # -- parameters -----------------------------------------------------------------------------
 
-        With ``keep_large``, a gradient this bucket keeps where it is (see ``LARGE_GRAD_NUMEL``) stays.
+    def adopt_param(self, position: int) -> None:
+        """Copy the parameter's current values into its range of ``flat_param`` and re-point it there."""
+        slot, param = self.layout.slots[position], self.params[position]
+        with torch.no_grad():
+            self.flat_param[slot.offset : slot.end].copy_(param.detach().reshape(-1))
+            param.data = alias(self.flat_param, slot.offset, slot.shape)
+
+    def holds_param(self, position: int) -> bool:
+        """Whether the parameter still reads its range of ``flat_param`` (nothing re-pointed it since)."""
+        slot, param = self.layout.slots[position], self.params[position]
+        return tuple(param.shape) == slot.shape and aliases_buffer(param, self.flat_param, slot.offset)
+
+    # -- gradients ------------------------------------------------------------------------------
+
+    def _allocate_grads(self, *, zeroed: bool = False) -> None:
+        # Padding must hold zeros (it is averaged and clipped with the rest); a slot is written before
+        # it is read (a gradient copied in, or zeroed by zero_grads_except), unless ``zeroed`` now.
+        kwargs = {"dtype": self.layout.dtype, "device": self.layout.device}
+        if zeroed:
+            self.flat_grad = torch.zeros(self.layout.numel, **kwargs)
+        else:
+            self.flat_grad = torch.empty(self.layout.numel, **kwargs)
+            for start, stop in self._gaps:
+                self.flat_grad[start:stop].zero_()
+        self._grad_views = [alias(self.flat_grad, slot.offset, slot.shape) for slot in self.layout.slots]
+
+    def grad_buffer(self) -> Tensor:
+        """``flat_grad``, allocated again if it was released."""
+        if self.flat_grad is None:
+            self._allocate_grads()
+        return self.flat_grad
+
+    def grad_view(self, position: int) -> Tensor:
+        """The parameter's range of ``flat_grad`` (allocating the buffer if it was released)."""
+        self.grad_buffer()
+        return self._grad_views[position]
+
+    def grad_in_buffer(self, position: int) -> bool:
+        grad = self.params[position].grad
+        return grad is not None and bool(self._grad_views) and grad is self._grad_views[position]
+
+    def take_grad(self, position: int, *, keep_large: bool = False) -> bool:
+        """Bring the parameter's ``.grad`` into ``flat_grad``; return whether it has a gradient.
+
+        A sparse gradient stays as it is (the algorithm's sparse path, or ``densify_grad``, takes it);
+        with ``keep_large``, so does a large one this bucket ``keeps_large_grads`` for.
         """
-        param, view = self.params[position], self.grad_views[position]
-        grad = param.grad
+        grad = self.params[position].grad
         if grad is None:
             return False
-        keep = (
-            keep_large and self.keeps_large_grads and grad.numel() >= LARGE_GRAD_NUMEL
-            and not grad.is_sparse and grad.is_contiguous()
-        )
-        if grad is not view and not keep:
+        if grad.is_sparse or self.grad_in_buffer(position):
+            return True
+        if keep_large and self.keeps_large_grads and grad.numel() >= LARGE_GRAD_NUMEL and grad.is_contiguous():
+            return True
+        view = self.grad_view(position)
+        with torch.no_grad():
             view.copy_(grad)
-            param.grad = view
+        self.params[position].grad = view
         return True
 
-    def collect_grads(self, *, keep_large: bool = False) -> list[int]:
-        """Positions of the parameters that have a gradient, each now held in ``flat_grad`` (see ``adopt_grad``)."""
-        return [position for position in range(len(self.params)) if self.adopt_grad(position, keep_large=keep_large)]
+    def densify_grad(self, position: int) -> None:
+        """Write the parameter's sparse ``.grad`` into ``flat_grad`` as dense values (``.grad`` stays sparse)."""
+        view = self.grad_view(position)
+        with torch.no_grad():
+            view.zero_().add_(self.params[position].grad)
 
-    def grads_elsewhere(self, positions: Sequence[int]) -> list[int]:
-        """Those of ``positions`` whose gradient is not held in ``flat_grad``."""
-        return [position for position in positions if self._grad_elsewhere(position) is not None]
+    def zero_grads_except(self, positions: Sequence[int]) -> None:
+        """Zero the ``flat_grad`` ranges of every parameter not in ``positions`` (they may hold old values)."""
+        present = set(positions)
+        with torch.no_grad():
+            for position in range(len(self.params)):
+                if position not in present:
+                    self.grad_view(position).zero_()
 
-    def _grad_elsewhere(self, position: int) -> Tensor | None:
+    def release_grads(self) -> None:
+        """ZeRO-2: drop ``flat_grad``; every ``.grad`` that was a view of it becomes None."""
+        for position, param in enumerate(self.params):
+            if self.grad_in_buffer(position):
+                param.grad = None
+        self.flat_grad = None
+        self._grad_views = []
+
+    def grad_elsewhere(self, position: int) -> Tensor | None:
+        """The parameter's dense gradient when it is not held in ``flat_grad`` (kept large, or hand-made)."""
         grad = self.params[position].grad
-        return None if grad is None or grad is self.grad_views[position] else grad
+        if grad is None or grad.is_sparse or self.grad_in_buffer(position):
+            return None
+        return grad
 
-    def runs(self, positions: Sequence[int]) -> list[tuple[int, int, Tensor | None]]:
-        """``(start, stop, grad)`` pieces of an unsharded bucket that cover the slots of ``positions``.
+    def runs(self, positions: Sequence[int]) -> list[Piece]:
+        """Pieces of an unsharded bucket covering the slots of ``positions``, for a kernel over lists.
 
-        Each maximal run of adjacent slots whose gradients are in ``flat_grad`` is one piece (``grad``
-        None: it is that slice of ``flat_grad``); each gradient held elsewhere is a piece of its own,
-        with that gradient as a 1-D tensor.
+        Each maximal run of adjacent slots whose gradients are in ``flat_grad`` is one piece; each
+        gradient held elsewhere is a piece of its own, with that gradient as a 1-D tensor.
         """
-        pieces: list[tuple[int, int, Tensor | None]] = []
+        pieces: list[Piece] = []
         previous = None
         for position in positions:
-            slot, grad = self.layout.slots[position], self._grad_elsewhere(position)
+            slot, grad = self.layout.slots[position], self.grad_elsewhere(position)
             if grad is not None:
                 pieces.append((slot.offset, slot.end, grad.view(-1)))
             elif pieces and pieces[-1][2] is None and previous == position - 1:
@@ -124,73 +197,73 @@ class FlatBucket:
             previous = position
         return pieces
 
-    def zero_missing_grads(self, positions: list[int]) -> None:
-        """Zero the ``flat_grad`` view of every parameter not in ``positions`` (those without a gradient).
+    # -- hooks ----------------------------------------------------------------------------------
 
-        Such views may still hold an old gradient; a collective over the whole flat buffer must see zeros.
-        """
-        present = set(positions)
-        for position, view in enumerate(self.grad_views):
-            if position not in present:
-                view.zero_()
+    def ensure_hooks(self) -> None:
+        """Give every parameter that requires grad and has none yet the gradient hooks."""
+        ref = weakref.ref(self)
+        for position, param in enumerate(self.params):
+            if self._hooks[position] or not param.requires_grad:
+                continue
+            handles = [param.register_post_accumulate_grad_hook(_ready_watcher(ref, position))]
+            if self.on_grad_arriving is not None:
+                handles.append(param.register_hook(_arrival_watcher(ref, position)))
+            self._hooks[position] = handles
 
-    def ensure_state(self, initial: dict[str, float]) -> None:
-        """Allocate the named state tensors that do not exist yet, each filled with its initial value."""
-        for name, value in initial.items():
-            if name not in self.state:
-                self.state[name] = torch.full(
-                    (self.layout.shard_numel,), self._fill(value), dtype=self.layout.dtype,
-                    device=self.layout.device,
-                )
+    def _arriving(self, position: int) -> None:
+        self.on_grad_arriving(self, position)
 
-    def reset_slot(self, position: int, initial: dict[str, float]) -> None:
-        """Forget a parameter's state: its step count and its part of every state tensor."""
-        self.steps[position] = 0
-        self.step_tensor[position] = 0
-        segment = self.segment_of(position)
-        if segment is not None:
-            for name, value in initial.items():
-                self.state[name][segment.start : segment.stop].fill_(self._fill(value))
+    def _ready(self, position: int) -> None:
+        # Sparse gradients are left where autograd made them: the algorithm decides at step().
+        if self.params[position].grad.is_sparse:
+            return
+        if self.on_grad_ready is None:
+            self.take_grad(position, keep_large=True)
+        else:
+            self.on_grad_ready(self, position)
 
-    def set_scalar_state(self, positions: Sequence[int], values: dict[str, float]) -> None:
-        """Set per-parameter scalars of ``positions``; each name is allocated like ``step_tensor`` on first use."""
-        for name, value in values.items():
-            tensor = self.scalar_state.get(name)
-            if tensor is None:
-                tensor = self.scalar_state[name] = torch.zeros_like(self.step_tensor)
-            if len(positions) == len(self.steps):
-                tensor.fill_(value)
-            else:
-                tensor[list(positions)] = value
-
-    def _fill(self, value: float) -> float | complex:
-        return complex(value, value) if self.layout.dtype.is_complex else value
+    # -- the shard ------------------------------------------------------------------------------
 
     def segment_of(self, position: int) -> Segment | None:
         """The part of parameter ``position`` this rank owns, or None."""
         return self._segment_by_slot.get(position)
 
-    def state_view(self, name: str, position: int) -> Tensor | None:
-        """The owned part of one parameter's state tensor: shaped like the parameter when whole."""
-        segment = self.segment_of(position)
-        if segment is None:
-            return None
-        view = self.state[name][segment.start : segment.stop]
-        shape = self.layout.slots[position].shape
-        return view.view(shape) if segment.numel == self.layout.slots[position].numel else view
+    def padding_numel(self) -> int:
+        """Elements of the buffer that hold no parameter (alignment gaps and the tail)."""
+        return sum(stop - start for start, stop in self._gaps)
 
 
-def _grad_adopter(bucket_ref: weakref.ref[FlatBucket], position: int):
-    def adopt(param: Tensor) -> None:
+def _gaps(layout: BucketLayout) -> list[tuple[int, int]]:
+    """Ranges of the flat buffer between and after the slots."""
+    gaps, end = [], 0
+    for slot in layout.slots:
+        if slot.offset > end:
+            gaps.append((end, slot.offset))
+        end = max(end, slot.end)
+    if end < layout.numel:
+        gaps.append((end, layout.numel))
+    return gaps
+
+
+def _arrival_watcher(bucket_ref: weakref.ref[FlatBucket], position: int) -> Callable[[Tensor], None]:
+    def watch(grad: Tensor) -> None:
         bucket = bucket_ref()
-        # A sparse gradient is left as autograd made it (a dense buffer cannot take it in place): whether
-        # to densify it or reject it is the algorithm's call at step() (torch's LBFGS densifies it).
-        if bucket is not None and not param.grad.is_sparse:
-            bucket.adopt_grad(position, keep_large=True)
+        if bucket is not None:
+            bucket._arriving(position)
 
-    return adopt
+    return watch
 
 
-def _remove_hooks(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
+def _ready_watcher(bucket_ref: weakref.ref[FlatBucket], position: int) -> Callable[[Tensor], None]:
+    def ready(param: Tensor) -> None:
+        bucket = bucket_ref()
+        if bucket is not None:
+            bucket._ready(position)
+
+    return ready
+
+
+def _remove_hooks(hooks: list[list]) -> None:
+    for handles in hooks:
+        for handle in handles:
+            handle.remove()

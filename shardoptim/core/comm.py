@@ -1,79 +1,66 @@
-"""Collectives an optimizer step needs, behind one small protocol.
+"""What a bucket's step needs from the ranks it shares the work with, behind one small protocol.
 
-``LocalComm`` is the world of one: every collective is a no-op, which is the single-process drop-in.
-The process-group implementations live in :mod:`shardoptim.core.distributed`.
-
-``rank`` and ``world_size`` are what the bucket layout is cut by: the shard this process owns and the
-number of shards. A replicated optimizer (LBFGS, SparseAdam) talks to N ranks but owns everything, so
-it presents ``rank=0, world_size=1`` to the layout.
+Three collectives, each launched and waited separately so the step can overlap them with work:
+averaging a flat gradient into a shard of it, gathering shards into the flat buffer, and reducing a
+small tensor (masks, norms). ``LocalComm`` is the world of one: every collective is nothing to do,
+which is the single-process drop-in. The process-group implementation is in
+:mod:`shardoptim.core.distributed`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
-if TYPE_CHECKING:
-    from torch import Tensor
+import torch
+from torch import Tensor
 
-    from .bucket import FlatBucket
+#: How per-rank values of a small tensor combine.
+Reduction = Literal["sum", "max"]
 
-#: How per-rank partial results of a gradient norm combine: a sum of powers, or a maximum.
-NormReduction = Literal["sum", "max"]
+
+class Pending(Protocol):
+    """A collective in flight; ``wait()`` returns once its results are in place."""
+
+    def wait(self) -> None: ...
+
+
+class Done:
+    """A collective that had nothing to do."""
+
+    def wait(self) -> None:
+        return None
+
+
+DONE = Done()
 
 
 class Comm(Protocol):
-    """The step's communication. Every method is collective: call it on every rank, same buckets."""
+    """The collectives of a step. Every launch is collective: call it on every rank in the same order."""
 
+    #: This process's rank in the group, and the group's size.
     rank: int
     world_size: int
-    #: Largest bucket (in elements) the layout should plan, or None for one bucket per group/dtype/device.
-    bucket_cap_numel: int | None
+    #: Where small tensors (masks, norms) are reduced without a device round trip where possible.
+    small_device: torch.device
 
-    def check_same_params(self, signature: str, counts: Sequence[int]) -> None:
-        """Raise ``ValueError`` on every rank unless all ranks passed equal ``signature`` and ``counts``."""
+    def launch_average(self, flat: Tensor, shard: Tensor) -> Pending:
+        """Average ``flat`` over ranks into ``shard``.
 
-    def agree_on_grads(self, buckets: Sequence[FlatBucket], ready: list[list[int]]) -> list[list[int]]:
-        """Per bucket, the positions that have a gradient on any rank (``ready`` holds this rank's).
-
-        Slots without a gradient here have their part of ``flat_grad`` zeroed first, so they add
-        nothing to the average.
+        ``shard`` is either ``flat`` itself (a replicated buffer: the whole of it is averaged) or a
+        buffer of ``flat.numel() // world_size`` elements, which may be ``flat``'s own slice ``rank``,
+        that receives the average of that slice. The rest of ``flat`` is left undefined.
         """
 
-    def average_grads(self, buckets: Sequence[FlatBucket]) -> None:
-        """Leave in each bucket's ``shard_grad`` the average over ranks of that shard of ``flat_grad``."""
+    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None) -> Pending:
+        """Fill ``flat`` with every rank's ``shard`` (its slice ``rank``), on every rank or only on ``dst``.
 
-    def gather_params(self, buckets: Sequence[FlatBucket]) -> None:
-        """Fill every rank's ``flat_param`` with every rank's ``shard_param``."""
-
-    def update_pipeline(
-        self, buckets: Sequence[FlatBucket], ready: list[list[int]], *, average_grads: bool
-    ) -> Iterator[tuple[FlatBucket, list[int]]]:
-        """Yield ``(bucket, positions)`` for every bucket with work, once its shard's gradient is final.
-
-        The caller updates the bucket's shard before asking for the next one; its parameters are then
-        gathered while later buckets are updated. When the iterator is exhausted every ``flat_param``
-        is complete. With ``average_grads`` the gradients are averaged on the way (``average_grads``).
+        ``shard`` is ``flat``'s own slice, a separate buffer of that size, or ``flat`` itself (nothing
+        to gather). With ``dst``, ``flat`` matters only on ``dst`` (elsewhere it may be empty).
         """
 
-    def reduce_norm(self, value: Tensor, how: NormReduction) -> Tensor:
-        """Combine this rank's partial norm (0-D) with every other rank's; returns the combined value."""
-
-    def mean_over_ranks(self, value: float) -> float:
-        """The mean of ``value`` over ranks (a loss that decides a replicated algorithm's next move)."""
-
-    def average_sparse_grads(self, params: Sequence[Tensor]) -> None:
-        """Replace each parameter's sparse ``.grad`` by its average over ranks (rows: the union).
-
-        A parameter with a gradient on some rank gets one on every rank; one without anywhere keeps None.
-        """
-
-    def gather_shards(self, fulls: Sequence[Tensor], shards: Sequence[Tensor], *, dst: int | None) -> None:
-        """Fill each ``fulls[i]`` (a bucket-sized flat tensor) with every rank's ``shards[i]``.
-
-        ``dst=None`` fills it on every rank; otherwise only on group rank ``dst`` (the others' ``fulls``
-        are left as they were).
-        """
+    def launch_reduce(self, tensor: Tensor, how: Reduction) -> Pending:
+        """Combine a tensor over ranks, in place: small ones (masks, norms, losses), and sparse
+        gradients (``"sum"``: the union of the ranks' entries)."""
 
 
 class LocalComm:
@@ -81,36 +68,17 @@ class LocalComm:
 
     rank = 0
     world_size = 1
-    bucket_cap_numel = None
+    small_device = torch.device("cpu")
 
-    def check_same_params(self, signature: str, counts: Sequence[int]) -> None:
-        return None
+    def launch_average(self, flat: Tensor, shard: Tensor) -> Pending:
+        if shard.data_ptr() != flat.data_ptr():
+            shard.copy_(flat[: shard.numel()])
+        return DONE
 
-    def agree_on_grads(self, buckets: Sequence[FlatBucket], ready: list[list[int]]) -> list[list[int]]:
-        return ready
+    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None) -> Pending:
+        if shard.data_ptr() != flat.data_ptr():
+            flat[: shard.numel()].copy_(shard)
+        return DONE
 
-    def average_grads(self, buckets: Sequence[FlatBucket]) -> None:
-        return None
-
-    def gather_params(self, buckets: Sequence[FlatBucket]) -> None:
-        return None
-
-    def update_pipeline(
-        self, buckets: Sequence[FlatBucket], ready: list[list[int]], *, average_grads: bool
-    ) -> Iterator[tuple[FlatBucket, list[int]]]:
-        return ((bucket, positions) for bucket, positions in zip(buckets, ready) if positions)
-
-    def reduce_norm(self, value: Tensor, how: NormReduction) -> Tensor:
-        return value
-
-    def mean_over_ranks(self, value: float) -> float:
-        return value
-
-    def average_sparse_grads(self, params: Sequence[Tensor]) -> None:
-        return None
-
-    def gather_shards(self, fulls: Sequence[Tensor], shards: Sequence[Tensor], *, dst: int | None) -> None:
-        for full, shard in zip(fulls, shards):
-            if full.data_ptr() != shard.data_ptr():
-                full.copy_(shard)
-
+    def launch_reduce(self, tensor: Tensor, how: Reduction) -> Pending:
+        return DONE

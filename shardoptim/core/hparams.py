@@ -57,3 +57,44 @@ def betas(count: int = 2) -> tuple[Check, ...]:
         Check("betas", lambda v, i=i: 0.0 <= v[i] < 1.0, f"Invalid beta parameter at index {i}: {{value[{i}]}}")
         for i in range(count)
     )
+
+
+def _tensor_under_foreach(value: Any, group: Mapping[str, Any]) -> bool:
+    return isinstance(value, torch.Tensor) and bool(group.get("foreach")) and not group.get("capturable")
+
+
+def tensor_hyperparameters() -> tuple[Check, ...]:
+    """torch's Adam rules for tensor ``lr`` and ``betas``: not with ``foreach=True`` (unless capturable),
+    one element each, and betas both floats or both tensors."""
+    def beta(i: int) -> tuple[Check, ...]:
+        return (
+            Check(None, lambda g: not _tensor_under_foreach(g["betas"][i], g),
+                  f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True"),
+            Check("betas", lambda v: not isinstance(v[i], torch.Tensor) or v[i].numel() == 1,
+                  f"Tensor betas[{i}] must be 1-element"),
+        )
+
+    return (
+        Check("betas", lambda v: all(isinstance(b, float) for b in v[:2]) or all(isinstance(b, torch.Tensor) for b in v[:2]),
+              "betas must be either both floats or both Tensors"),
+        *beta(0),
+        *beta(1),
+    )
+
+
+def tensor_lr_under_foreach() -> Check:
+    """torch's Adam refuses a tensor ``lr`` with ``foreach=True`` unless capturable."""
+    return Check(None, lambda g: not _tensor_under_foreach(g["lr"], g),
+                 "lr as a Tensor is not supported for capturable=False and foreach=True")
+
+
+def adam_checks() -> tuple[Check, ...]:
+    """Adam's and AdamW's checks, in torch's order."""
+    return (
+        tensor_lr_under_foreach(),
+        *learning_rate(),
+        at_least_zero("eps", "epsilon value"),
+        *betas(),
+        at_least_zero("weight_decay", "weight_decay value"),
+        *tensor_hyperparameters(),
+    )

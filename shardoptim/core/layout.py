@@ -1,11 +1,17 @@
-"""Flat bucket layout: where each parameter lives in which flat buffer, and which part a rank owns.
+"""Flat bucket layout: where each parameter lives in which flat buffer, and which part each rank owns.
 
-The layout is a pure function of the parameters' order, shapes, dtypes, devices and groups plus the
-world size, bucket cap and alignment. It is plain data (``to_dict``/``from_dict``), so a checkpoint
-can store it and resharding is "plan the layout for M ranks and remap".
+The layout is a pure function of the parameters (order, shapes, dtypes, devices, groups, whether they
+train), the number of shards, the bucket cap and the alignment. It is plain data (``to_dict`` /
+``from_dict``), so a checkpoint stores it and resharding is "plan the layout for M ranks and remap"
+(:mod:`shardoptim.core.reshard`).
 
-Slot offsets never depend on the world size: only the padding at the end of a bucket does. A flat
-buffer saved at one world size is therefore the same buffer at any other, cut at other points.
+Ownership is described the same way for every partition: per rank, a ``[start, stop)`` range of the
+bucket's flat buffer (``bounds``), hence per rank a list of (parameter, element range) pieces
+(``segments``). Flat partitions cut a bucket into equal ranges, so a parameter may span ranks.
+
+Slot offsets never depend on the number of shards, only the padding at the end of a bucket does; the
+bucket boundaries do depend on the cap, which a sharded optimizer sets and an unsharded one does not,
+so remapping goes by parameter and element offset, never by bucket position.
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ class ParamSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    #: Parameters that do not require grad are packed apart, so their buckets cost no state until a
+    #: gradient is assigned by hand.
+    trainable: bool = True
 
     @staticmethod
     def of(param: torch.Tensor, index: int, group: int) -> ParamSpec:
-        return ParamSpec(index, group, tuple(param.shape), param.dtype, param.device)
+        return ParamSpec(index, group, tuple(param.shape), param.dtype, param.device, param.requires_grad)
 
     @property
     def numel(self) -> int:
@@ -60,7 +69,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class Segment:
-    """The part of a slot that falls inside one rank's shard, in shard coordinates."""
+    """The part of a slot that falls inside one rank's range, in that rank's shard coordinates."""
 
     slot: int  # position of the slot within its bucket
     start: int  # first element, relative to the shard
@@ -74,27 +83,55 @@ class Segment:
 
 @dataclass(frozen=True)
 class BucketLayout:
-    """One flat buffer of parameters sharing a param group, dtype and device."""
+    """One flat buffer of parameters sharing a param group, dtype, device and trainability.
+
+    ``bounds[r]`` is the ``[start, stop)`` range of the buffer that rank ``r`` owns; the ranges tile
+    ``[0, numel)`` in rank order.
+    """
 
     group: int
     dtype: torch.dtype
     device: torch.device
     slots: tuple[Slot, ...]
-    numel: int  # padded so that it divides evenly by world_size
-    world_size: int
+    numel: int
+    bounds: tuple[tuple[int, int], ...]
+    trainable: bool = True
+
+    def __post_init__(self) -> None:
+        edges = [0]
+        for start, stop in self.bounds:
+            if start != edges[-1] or stop < start:
+                raise ValueError(f"bucket bounds {self.bounds} do not tile [0, {self.numel}) in rank order")
+            edges.append(stop)
+        if edges[-1] != self.numel:
+            raise ValueError(f"bucket bounds {self.bounds} do not tile [0, {self.numel}) in rank order")
 
     @property
-    def shard_numel(self) -> int:
-        return self.numel // self.world_size
+    def world_size(self) -> int:
+        """The number of shards (1: the bucket is whole on every rank)."""
+        return len(self.bounds)
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def used(self) -> int:
+        """Elements up to the end of the last slot; the rest is padding."""
+        return max((slot.end for slot in self.slots), default=0)
 
     def shard_range(self, rank: int) -> tuple[int, int]:
         """``[start, stop)`` of the flat buffer that ``rank`` owns."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside world size {self.world_size}")
-        return rank * self.shard_numel, (rank + 1) * self.shard_numel
+        return self.bounds[rank]
+
+    def shard_numel(self, rank: int) -> int:
+        start, stop = self.shard_range(rank)
+        return stop - start
 
     def segments(self, rank: int) -> tuple[Segment, ...]:
-        """The slots (or parts of slots) inside ``rank``'s shard, in order."""
+        """The slots (or parts of slots) inside ``rank``'s range, in order."""
         lo, hi = self.shard_range(rank)
         found = []
         for position, slot in enumerate(self.slots):
@@ -108,25 +145,36 @@ class BucketLayout:
             "group": self.group,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
+            "trainable": self.trainable,
             "numel": self.numel,
-            "world_size": self.world_size,
+            "bounds": [list(bound) for bound in self.bounds],
             "slots": [[s.index, s.offset, list(s.shape)] for s in self.slots],
         }
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> BucketLayout:
+        dtype = getattr(torch, data["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {data['dtype']!r} in a bucket layout")
         return BucketLayout(
-            group=data["group"],
-            dtype=getattr(torch, data["dtype"]),
+            group=int(data["group"]),
+            dtype=dtype,
             device=torch.device(data["device"]),
-            slots=tuple(Slot(i, off, tuple(shape)) for i, off, shape in data["slots"]),
-            numel=data["numel"],
-            world_size=data["world_size"],
+            slots=tuple(Slot(int(i), int(off), tuple(int(n) for n in shape)) for i, off, shape in data["slots"]),
+            numel=int(data["numel"]),
+            bounds=tuple((int(start), int(stop)) for start, stop in data["bounds"]),
+            trainable=bool(data.get("trainable", True)),
         )
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def even_bounds(numel: int, world_size: int) -> tuple[tuple[int, int], ...]:
+    """Equal ranges of a buffer whose size divides by ``world_size``."""
+    size = numel // world_size
+    return tuple((rank * size, (rank + 1) * size) for rank in range(world_size))
 
 
 def plan_buckets(
@@ -135,37 +183,45 @@ def plan_buckets(
     world_size: int = 1,
     bucket_cap_numel: int | None = None,
     alignment: int = ALIGNMENT,
+    backward_order: bool = False,
 ) -> tuple[BucketLayout, ...]:
-    """Pack parameters into flat buckets.
+    """Pack parameters into flat buckets, each cut into ``world_size`` equal ranges.
 
-    Parameters are bucketed by (group, device, dtype) in order of first appearance, keeping their
-    order inside a bucket; a bucket is closed when adding the next parameter would exceed
-    ``bucket_cap_numel`` elements (a parameter larger than the cap gets a bucket of its own).
+    Parameters are bucketed by (group, device, dtype, trainable); a bucket is closed when adding the
+    next parameter would exceed ``bucket_cap_numel`` elements (a parameter larger than the cap gets a
+    bucket of its own). Buckets are filled walking the parameters in order, or from the last one
+    backwards with ``backward_order``: gradients arrive roughly in reverse order during backward, so
+    the buckets then complete one after the other, as DDP plans its buckets. Inside a bucket slots
+    keep the parameters' order either way. Each bucket is padded to a multiple of
+    ``world_size * alignment`` elements.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
-    opened: list[tuple[tuple[int, torch.device, torch.dtype], list[Slot]]] = []
+    if bucket_cap_numel is not None and bucket_cap_numel < 1:
+        raise ValueError(f"bucket_cap_numel must be positive or None, got {bucket_cap_numel}")
+    members: list[tuple[tuple[int, torch.device, torch.dtype, bool], list[ParamSpec]]] = []
     fill: list[int] = []
-    open_bucket: dict[tuple[int, torch.device, torch.dtype], int] = {}
+    open_bucket: dict[tuple[int, torch.device, torch.dtype, bool], int] = {}
 
-    for spec in params:
-        key = (spec.group, spec.device, spec.dtype)
+    for spec in reversed(params) if backward_order else params:
+        key = (spec.group, spec.device, spec.dtype, spec.trainable)
+        size = _round_up(spec.numel, alignment)
         b = open_bucket.get(key)
-        if b is None or (bucket_cap_numel is not None and fill[b] + spec.numel > bucket_cap_numel and fill[b] > 0):
-            b = open_bucket[key] = len(opened)
-            opened.append((key, []))
+        if b is None or (bucket_cap_numel is not None and fill[b] > 0 and fill[b] + spec.numel > bucket_cap_numel):
+            b = open_bucket[key] = len(members)
+            members.append((key, []))
             fill.append(0)
-        opened[b][1].append(Slot(spec.index, fill[b], spec.shape))
-        fill[b] = _round_up(fill[b] + spec.numel, alignment)
+        members[b][1].append(spec)
+        fill[b] += size
 
-    return tuple(
-        BucketLayout(
-            group=group,
-            dtype=dtype,
-            device=device,
-            slots=tuple(slots),
-            numel=_round_up(max(used, 1), world_size * alignment),
-            world_size=world_size,
+    layouts = []
+    for (group, device, dtype, trainable), specs in members:
+        slots, offset = [], 0
+        for spec in sorted(specs, key=lambda s: s.index):
+            slots.append(Slot(spec.index, offset, spec.shape))
+            offset = _round_up(offset + spec.numel, alignment)
+        numel = _round_up(max(offset, 1), world_size * alignment)
+        layouts.append(
+            BucketLayout(group, dtype, device, tuple(slots), numel, even_bounds(numel, world_size), trainable)
         )
-        for ((group, device, dtype), slots), used in zip(opened, fill)
-    )
+    return tuple(layouts)

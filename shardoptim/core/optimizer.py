@@ -1,10 +1,13 @@
-"""``Optimizer``: torch.optim.Optimizer's contract, run on flat buckets."""
+"""``Optimizer``: torch.optim.Optimizer's contract, run on flat buckets, sharded across ranks when asked."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import types
+import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -13,14 +16,17 @@ from torch import Tensor
 from .bucket import FlatBucket
 from .clip import clip_grad_norm
 from .comm import Comm, LocalComm
-from .compiled import CompiledUpdate
-from .dispatch import Implementation, check_flags, resolve_implementation
-from .distributed import distributed_comm
-from .gather import gather_full_state
+from .config import ShardingConfig
+from .differentiable import step_parameter
+from .dispatch import Implementation, check_flags, choose_implementation, run_update
+from .full_state import gather_full_state
+from .grad_sync import GradSync
 from .hparams import Check, validate
 from .layout import BucketLayout, ParamSpec, plan_buckets
-from .rule import GroupView, UpdateRule
-from .tensorlist import run_eager
+from .memory import MemoryReport, memory_report
+from .rule import HyperParams, UpdateRule
+from .shard_state import ShardState
+from .state_dicts import load_bucketed_state, load_per_parameter_state, read_shard_state, shard_state
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -28,30 +34,33 @@ class Optimizer(torch.optim.Optimizer):
 
     Subclasses set ``rule`` (an ``UpdateRule``) and pass torch's defaults. Everything a torch user
     relies on is kept: constructor inputs and errors, ``param_groups``, ``state`` keyed by parameter
-    with tensors shaped like it, step/state-dict hooks, torch-format ``state_dict()``, closures.
+    with tensors shaped like it, step/state-dict hooks, torch-format ``state_dict()``, closures,
+    ``deepcopy`` and pickling.
 
-    What changes underneath: each param group's parameters are packed per (device, dtype) into flat
-    buffers (``buckets``) and re-pointed to views of them, so one kernel updates a whole bucket.
-    ``state[p]`` entries are views into the buckets' flat state.
+    Underneath, each param group's parameters are packed per (device, dtype, requires_grad) into
+    flat buffers (``buckets``), each parameter re-pointed to its range of one (as a tensor with a
+    storage of its own, so ``torch.save``, safetensors and accelerate see ordinary parameters), and
+    one kernel updates a whole bucket. ``state[p]`` entries are views into the buckets' state. A group
+    with ``differentiable=True`` is not packed: it runs per parameter inside autograd, as torch does.
 
     Args beyond torch's:
         process_group: ``None`` runs unsharded; a process group shards each bucket across its ranks
-            (see ``docs/distributed.md``). Every rank must then construct the optimizer with the same
-            parameters in the same order (checked: a mismatch raises ``ValueError`` on every rank), and
-            ``step()``, ``clip_grad_norm_()``, ``state_dict()`` and ``add_param_group()`` become
-            collective calls.
-        reduce_grads: average gradients across ranks in ``step()``; ``False`` when they already are
-            (DDP, or a manual all-reduce).
+            (``docs/distributed.md``). Every rank must then build the optimizer with the same
+            parameters in the same order (checked: a mismatch raises ``ValueError`` on every rank),
+            and ``step()``, ``clip_grad_norm_()``, ``state_dict()``, ``gather_params()`` and
+            ``add_param_group()`` become collective calls.
+        reduce_grads: average gradients across ranks; ``False`` when they already are (DDP).
+        sharding: a ``ShardingConfig``: bucket cap, collectives, ZeRO-2, overlap with backward.
 
     Sharded, a parameter is updated when it has a gradient on any rank; a rank where its ``.grad`` is
     None contributes zeros to the average, as DDP does for a parameter a rank's forward did not use.
     ``state[p]`` holds only the part of ``p``'s state this rank owns (1-D when it owns part of ``p``,
-    absent when none); ``state_dict()`` gathers the full one.
+    only ``step`` and scalars when none); ``state_dict()`` gathers the full one and
+    ``shard_state_dict()`` returns this rank's own without a collective.
 
     Algorithms that are not an elementwise update (LBFGS, SparseAdam) set ``rule = None`` and
-    ``checks`` (their hyper-parameter checks) instead, override ``step()``, and keep torch's own
-    per-parameter ``state`` (lists, Python numbers), which ``load_state_dict`` then loads as torch does.
-    They may override ``_plan_buckets`` to pack their parameters differently, or not at all.
+    ``checks`` instead, override ``step()`` and keep torch's own per-parameter ``state``; they may
+    override ``_plan_buckets`` to pack their parameters differently, or not at all.
     """
 
     rule: ClassVar[UpdateRule | None]
@@ -68,24 +77,48 @@ class Optimizer(torch.optim.Optimizer):
         *,
         process_group: Any = None,
         reduce_grads: bool = True,
+        sharding: ShardingConfig | None = None,
     ) -> None:
-        self._comm: Comm = (
-            LocalComm() if process_group is None else distributed_comm(process_group, sharded=self.shardable)
-        )
-        self.reduce_grads = reduce_grads
-        self._buckets: list[FlatBucket] = []
-        self._param_count = 0
-        # Per bucket, the positions whose gradients clip_grad_norm_ already collected and averaged.
-        self._prepared_grads: list[list[int]] | None = None
-        self._constructed = False
+        # torch validates its arguments before it looks at the parameters.
+        self._check_group(defaults)
+        self._setup(process_group, reduce_grads, sharding)
         super().__init__(params, defaults)
         self._check_same_params(self.param_groups)
         self._constructed = True
+        self._after_construction()
+
+    def _setup(self, process_group: Any, reduce_grads: bool, sharding: ShardingConfig | None) -> None:
+        if sharding is None:
+            sharding = ShardingConfig()
+        if not isinstance(sharding, ShardingConfig):
+            raise TypeError(f"sharding must be a shardoptim.ShardingConfig, got {type(sharding).__name__}")
+        if not isinstance(reduce_grads, bool):
+            raise TypeError(f"reduce_grads must be a bool, got {reduce_grads!r}")
+        self.sharding = sharding
+        self._comm: Comm = _comm_for(process_group, sharding)
+        self._shards = self._comm.world_size if self.shardable else 1
+        self._buckets: list[FlatBucket] = []
+        self._param_count = 0
+        self._sync = GradSync(self._buckets, self._comm, sharding, average=reduce_grads, sharded=self._shards > 1)
+        self._step_tensors: dict[torch.device, Tensor] = {}
+        self._constructed = False
+
+    def _after_construction(self) -> None:
+        """Called once the groups are in place (also after unpickling); algorithms may add to it."""
 
     @property
     def buckets(self) -> tuple[FlatBucket, ...]:
         """The flat buckets, in the order of param groups."""
         return tuple(self._buckets)
+
+    @property
+    def reduce_grads(self) -> bool:
+        """Whether ``step()`` averages gradients across ranks (``False`` under DDP)."""
+        return self._sync.average
+
+    @reduce_grads.setter
+    def reduce_grads(self, value: bool) -> None:
+        self._sync.average = bool(value)
 
     # -- groups ---------------------------------------------------------------------------------
 
@@ -100,20 +133,7 @@ class Optimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        index = len(self.param_groups) - 1
-        params = group["params"]
-        specs = [ParamSpec.of(p, self._param_count + i, index) for i, p in enumerate(params)]
-        by_index = {spec.index: p for spec, p in zip(specs, params)}
-        for layout in self._plan_buckets(specs):
-            members = [by_index[slot.index] for slot in layout.slots]
-            bucket = FlatBucket(layout, members, rank=self._comm.rank)
-            # Only a torch kernel over lists can read gradients where autograd left them; sharded, the
-            # gradients must be in flat_grad to be reduced.
-            bucket.keeps_large_grads = isinstance(self._comm, LocalComm) and not (
-                self.rule is None or self.rule.fused is None or isinstance(self.rule.fused, CompiledUpdate)
-            )
-            self._buckets.append(bucket)
-        self._param_count += len(params)
+        self._place_group(len(self.param_groups) - 1)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise torch's error for an invalid hyper-parameter or flag of ``group``."""
@@ -121,30 +141,313 @@ class Optimizer(torch.optim.Optimizer):
             validate(group, self.checks)
             return
         validate(group, self.rule.checks)
-        check_flags(group, has_fused=self.rule.fused is not None)
+        check_flags(group)
+
+    def _per_parameter(self, group: dict[str, Any]) -> bool:
+        """Whether ``group`` keeps torch's per-parameter state instead of buckets."""
+        return self.rule is not None and bool(group.get("differentiable"))
+
+    def _place_group(self, index: int) -> None:
+        group = self.param_groups[index]
+        first: dict[int, ParamSpec] = {}
+        repeats: dict[int, int] = {}  # torch warns of a repeated parameter and updates it once per listing
+        for i, param in enumerate(group["params"]):
+            spec = first.get(id(param))
+            if spec is None:
+                first[id(param)] = ParamSpec.of(param, self._param_count + i, index)
+            else:
+                repeats[spec.index] = repeats.get(spec.index, 0) + 1
+        self._param_count += len(group["params"])
+        if self._per_parameter(group):
+            return
+        by_index = {spec.index: param for param, spec in zip(_unique(group["params"]), first.values())}
+        for layout in self._plan_buckets(list(first.values())):
+            bucket = self._make_bucket(layout, [by_index[slot.index] for slot in layout.slots])
+            bucket.repeats = {p: repeats[s.index] for p, s in enumerate(layout.slots) if s.index in repeats}
+            self._buckets.append(bucket)
+        self._sync.buckets_changed()
+
+    def _make_bucket(self, layout: BucketLayout, params: list[Tensor]) -> FlatBucket:
+        bucket = FlatBucket(
+            layout, params, rank=self._comm.rank if layout.is_sharded else 0,
+            shard_grads=self.sharding.shard_grads, on_grad_ready=self._sync.grad_ready,
+            on_grad_arriving=self._sync.grad_arriving if self._sync.overlaps else None,
+        )
+        # Only a torch kernel over lists can read gradients where autograd left them; sharded, the
+        # gradients must be in flat_grad to be averaged.
+        bucket.keeps_large_grads = not layout.is_sharded and self.rule is not None and self.rule.kernel is not None
+        return bucket
 
     def _plan_buckets(self, specs: Sequence[ParamSpec]) -> tuple[BucketLayout, ...]:
         """The flat buckets of one new param group's parameters."""
-        return plan_buckets(specs, world_size=self._comm.world_size, bucket_cap_numel=self._comm.bucket_cap_numel)
+        sharded = self._shards > 1
+        return plan_buckets(
+            specs, world_size=self._shards, bucket_cap_numel=self.sharding.bucket_cap_numel if sharded else None,
+            backward_order=sharded,
+        )
+
+    def _param_name(self, group_index: int, param: Tensor) -> str:
+        group = self.param_groups[group_index]
+        position = next(i for i, p in enumerate(group["params"]) if p is param)
+        if "param_names" in group:
+            return f"parameter {group['param_names'][position]!r}"
+        return f"parameter {position} of param group {group_index} (shape {tuple(param.shape)})"
+
+    def _check_same_params(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Fail on every rank, before any other collective, when ranks were given different parameters."""
+        comm = self._comm
+        if comm.world_size == 1:
+            return
+        params = [p for group in groups for p in group["params"]]
+        signature = "|".join(
+            [type(self).__name__]
+            + [",".join(f"{tuple(p.shape)}:{p.dtype}:{p.device.type}" for p in group["params"]) for group in groups]
+        )
+        row = [zlib.crc32(signature.encode()), len(groups), len(params), sum(p.numel() for p in params)]
+        table = torch.zeros(comm.world_size, len(row), dtype=torch.int64, device=comm.small_device)
+        table[comm.rank] = torch.tensor(row, dtype=torch.int64)
+        comm.launch_reduce(table, "sum").wait()
+        rows = table.tolist()
+        if all(other == rows[0] for other in rows):
+            return
+        described = "; ".join(
+            f"rank {rank}: {groups} groups, {count} parameters, {numel} elements"
+            for rank, (_, groups, count, numel) in enumerate(rows)
+        )
+        differing = [rank for rank, other in enumerate(rows) if other != rows[0]]
+        raise ValueError(
+            f"ranks of the process group were given different parameters ({described}); ranks {differing} "
+            f"differ from rank 0 in count, shape, dtype or order. Every rank must pass the same parameters "
+            f"in the same order."
+        )
 
     # -- step -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient; returns ``closure()``'s value if given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._prepared_grads is not None:
-            ready, average, self._prepared_grads = self._prepared_grads, False, None
-        else:
-            ready, average = self._collect_grads(keep_large=True), self.reduce_grads
-        # Sharded: gradient averaging, the update of the own shard and the parameter gather, pipelined
-        # over buckets. Unsharded: just the buckets that have gradients.
-        for bucket, positions in self._comm.update_pipeline(self._buckets, ready, average_grads=average):
-            self._update_bucket(bucket, positions)
+        with torch.no_grad():
+            self._check_params()
+            self._step_buckets()
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+            self._step_per_parameter()
         return loss
+
+    def _step_buckets(self) -> None:
+        """Every bucket with gradients, through the phases of a step:
+
+        1. gradients ready, and agreed across ranks (``GradSync.collect``);
+        2. the gradient average launched, then waited for (``GradSync.averaged``; with
+           ``overlap_grad_reduce`` most were launched during backward);
+        3. the update of this rank's shard;
+        4. the parameter gather launched (while later buckets update), then waited for.
+
+        Unsharded, 2 and 4 have nothing to do.
+        """
+        ready = self._sync.collect()
+        gathers = []
+        for index in self._sync.averaged(ready):
+            bucket = self._buckets[index]
+            self._update_shard(index, ready[index])
+            gathers.append(self._comm.launch_gather(bucket.flat_param, bucket.shard_param))
+        for gather in gathers:
+            gather.wait()
+        self._sync.end_step()
+
+    def _update_shard(self, index: int, positions: list[int]) -> None:
+        """Phase 3 for one bucket: its state advanced, then the update run over the shard's pieces."""
+        bucket, rule = self._buckets[index], self.rule
+        group = self.param_groups[bucket.layout.group]
+        sparse = {p for p in positions if bucket.params[p].grad is not None and bucket.params[p].grad.is_sparse}
+        if sparse and rule.sparse_update is None:
+            raise RuntimeError(rule.sparse_error)
+        if bucket.is_sharded:
+            sparse = set()  # GradSync densified them into flat_grad to average them: the dense update applies
+        h = HyperParams.of(group)
+        initial = rule.state(h)
+        implementation = choose_implementation(group, bucket.layout.device, rule)
+        for members in _rounds(positions, bucket.repeats):
+            for (step, before, after), kind in self._advance_state(bucket, members, h, initial).items():
+                c = rule.scalars(h, step) if rule.scalar_state is None else rule.scalars(
+                    h, step, before=dict(before), after=dict(after)
+                )
+                self._run(bucket, implementation, [p for p in kind if p not in sparse], initial, h, step, c)
+                for position in sparse.intersection(kind):
+                    self._run_sparse(bucket, position, initial, h, c)
+        torch.autograd.graph.increment_version([bucket.params[p] for p in positions])
+
+    def _run(
+        self, bucket: FlatBucket, implementation: Implementation, members: list[int],
+        initial: dict[str, float], h: HyperParams, step: int, c: Any,
+    ) -> None:
+        """One update call over the pieces of the shard that ``members`` cover."""
+        if not members:
+            return
+        elsewhere = [p for p in members if bucket.grad_elsewhere(p) is not None]
+        if elsewhere and implementation is Implementation.FUSED:
+            pieces = bucket.runs(members)
+        else:
+            for position in elsewhere:
+                bucket.take_grad(position)
+            whole = len(members) == len(bucket.params) and implementation is not Implementation.FOR_LOOP
+            if whole:
+                pieces = [(0, bucket.shard_param.numel(), None)]
+            else:
+                pieces = [(s.start, s.stop, None) for s in map(bucket.segment_of, members) if s is not None]
+                if implementation is Implementation.COMPILED:
+                    implementation = Implementation.FOREACH  # compiled for whole shards only (see CompiledUpdate)
+        if not pieces:
+            return
+        cut = lambda flat: [flat[start:stop] for start, stop, _ in pieces]  # noqa: E731
+        grads = [bucket.shard_grad[start:stop] if grad is None else grad for start, stop, grad in pieces]
+        states = {name: cut(bucket.state.tensors[name]) for name in initial}
+        steps = [self._step_tensor(bucket.layout.device, step)] * len(pieces)
+        run_update(implementation, self.rule, cut(bucket.shard_param), grads, states, steps, h, step, c)
+
+    def _run_sparse(self, bucket: FlatBucket, position: int, initial: dict[str, float], h: HyperParams, c: Any) -> None:
+        """The rule's sparse path for one parameter of an unsharded bucket (``nn.Embedding(sparse=True)``)."""
+        segment = bucket.segment_of(position)
+        param = bucket.params[position]
+        s = {name: bucket.state.view(name, segment) for name in initial}
+        self.rule.sparse_update(param.data, param.grad, types.SimpleNamespace(**s), h, c)
+
+    def _step_tensor(self, device: torch.device, step: int) -> Tensor:
+        """A 0-D tensor holding ``step`` where torch's fused kernels read it."""
+        tensor = self._step_tensors.get(device)
+        if tensor is None:
+            tensor = self._step_tensors[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return tensor.fill_(step)
+
+    def _advance_state(
+        self, bucket: FlatBucket, positions: list[int], h: HyperParams, initial: dict[str, float]
+    ) -> dict[tuple[int, tuple, tuple], list[int]]:
+        """Count one update of ``positions`` and bring their state where torch would have it.
+
+        torch creates a parameter's state at its first update, from the group as it is then (Rprop's
+        ``step_size`` starts at that step's ``lr``): a slot starting now is refilled when the state
+        tensors already existed. Returns the positions grouped by (step, scalar state before, after),
+        the kinds that share one update call.
+        """
+        state = bucket.state
+        created = state.allocate(initial)
+        carried = {name: value for name, value in initial.items() if name not in created}
+        if carried:
+            counts = state.steps.tolist()
+            for position in positions:
+                if counts[position] == 0:
+                    state.reset(bucket.segment_of(position), carried)
+        steps = state.count_steps(positions)
+        kinds: dict[tuple[int, tuple, tuple], list[int]] = defaultdict(list)
+        for position, (step, before, after) in zip(positions, self._advance_scalar_state(state, positions, steps, h)):
+            kinds[step, before, after].append(position)
+        exposed = range(len(bucket.params)) if created else positions
+        counts = state.steps.tolist()
+        for position in exposed:
+            if counts[position] == 1 or (created and counts[position] > 0):
+                self._expose_state(bucket, position, initial)
+        return kinds
+
+    def _advance_scalar_state(
+        self, state: ShardState, positions: list[int], steps: list[int], h: HyperParams
+    ) -> list[tuple]:
+        """Per position: (step, scalar state before this update, after it), the scalars as numbers."""
+        rule = self.rule
+        if rule.scalar_state is None:
+            return [(step, (), ()) for step in steps]
+        starting = [position for position, step in zip(positions, steps) if step == 1]
+        if starting:
+            state.set_scalars(starting, rule.scalar_state(h, 0))
+        names = list(state.scalars)
+        values = {name: state.scalars[name].tolist() for name in names}
+        groups: dict[tuple[int, tuple], list[int]] = defaultdict(list)
+        for position, step in zip(positions, steps):
+            groups[step, tuple(values[name][position] for name in names)].append(position)
+        result: dict[int, tuple] = {}
+        for (step, previous), members in groups.items():
+            before_tensors = {name: state.scalars[name][members[0]].clone() for name in names}
+            state.set_scalars(members, rule.scalar_state(h, step, **before_tensors))
+            after = tuple((name, state.scalars[name][members[0]].item()) for name in names)
+            for position in members:
+                result[position] = (step, tuple(zip(names, previous)), after)
+        return [result[position] for position in positions]
+
+    def _expose_state(self, bucket: FlatBucket, position: int, initial: dict[str, float]) -> None:
+        """Point ``self.state[param]`` at the views of one parameter's state, in torch's layout."""
+        state = bucket.state
+        entry: dict[str, Tensor] = {}
+        if self.rule.step_in_state:
+            entry["step"] = state.steps[position]
+        entry.update(state.scalars_at(position))
+        segment = bucket.segment_of(position)
+        if segment is not None:
+            entry.update({name: state.view(name, segment) for name in initial if name in state.tensors})
+        if entry:
+            self.state[bucket.params[position]] = entry
+
+    def _step_per_parameter(self) -> None:
+        """The groups outside buckets (``differentiable=True``): the rule's update per parameter."""
+        for group in self.param_groups:
+            if not self._per_parameter(group):
+                continue
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(self.rule.sparse_error)
+                step_parameter(self.rule, group, param, self.state[param])
+
+    def _check_params(self) -> None:
+        """Follow what users do to parameters after building the optimizer.
+
+        A parameter re-pointed elsewhere with its dtype, device and shape unchanged
+        (``vector_to_parameters``, ``p.data = ...``) is copied back into its bucket. A group whose
+        parameters changed dtype, device or shape (``model.double()``, ``.to(...)``) is packed anew
+        when it has no state yet, as torch.optim would just train on; once it has state this raises,
+        naming the parameter, as torch's step fails on the mismatched state.
+        """
+        changed_groups = set()
+        for bucket in self._buckets:
+            layout = bucket.layout
+            for position, param in enumerate(bucket.params):
+                if bucket.holds_param(position):
+                    continue
+                slot = layout.slots[position]
+                if (param.dtype, param.device, tuple(param.shape)) == (layout.dtype, layout.device, slot.shape):
+                    bucket.adopt_param(position)
+                    continue
+                if any(self._buckets[i].state.steps.any() for i in self._group_buckets(layout.group)):
+                    raise RuntimeError(
+                        f"{self._param_name(layout.group, param)} changed from {layout.dtype} on {layout.device}, "
+                        f"shape {slot.shape}, to {param.dtype} on {param.device}, shape {tuple(param.shape)}, after "
+                        f"the optimizer created its state. Convert the model before building the optimizer, or "
+                        f"build a new optimizer and load the old one's state_dict() into it."
+                    )
+                changed_groups.add(layout.group)
+        for group in sorted(changed_groups):
+            self._replan_group(group)
+
+    def _group_buckets(self, group: int) -> list[int]:
+        return [i for i, bucket in enumerate(self._buckets) if bucket.layout.group == group]
+
+    def _replan_group(self, group: int) -> None:
+        """Pack a group anew from its parameters as they are now (only before it has state)."""
+        indices = self._group_buckets(group)
+        members = sorted(
+            ((slot.index, param) for i in indices
+             for param, slot in zip(self._buckets[i].params, self._buckets[i].layout.slots)),
+            key=lambda member: member[0],
+        )
+        by_index = dict(members)
+        layouts = self._plan_buckets([ParamSpec.of(param, i, group) for i, param in members])
+        for i in reversed(indices):
+            del self._buckets[i]
+        self._buckets[indices[0] : indices[0]] = [
+            self._make_bucket(layout, [by_index[slot.index] for slot in layout.slots]) for layout in layouts
+        ]
+        self._sync.buckets_changed()
 
     @torch.no_grad()
     def gather_params(self) -> None:
@@ -153,29 +456,26 @@ class Optimizer(torch.optim.Optimizer):
         ``step()`` does this itself; call it after changing shards some other way (an EMA swapped in,
         a shard loaded). Collective when sharded; nothing to do otherwise.
         """
-        self._comm.gather_params(self._buckets)
+        pending = [self._comm.launch_gather(b.flat_param, b.shard_param) for b in self._buckets if b.is_sharded]
+        for work in pending:
+            work.wait()
 
-    def _check_same_params(self, groups: Sequence[dict[str, Any]]) -> None:
-        """Fail on every rank, before any other collective, when ranks were given different parameters."""
-        if isinstance(self._comm, LocalComm):
-            return
-        params = [p for group in groups for p in group["params"]]
-        signature = "|".join(
-            [type(self).__name__]
-            + [",".join(f"{tuple(p.shape)}:{p.dtype}:{p.device.type}" for p in group["params"]) for group in groups]
-        )
-        self._comm.check_same_params(signature, [len(groups), len(params), sum(p.numel() for p in params)])
-
-    def _collect_grads(self, *, keep_large: bool = False) -> list[list[int]]:
-        """Per bucket, the positions with a gradient (on any rank), each gradient now in ``flat_grad``
-        (with ``keep_large``, except those ``_update_bucket`` may pass to a fused kernel where they are)."""
-        grads = [bucket.collect_grads(keep_large=keep_large) for bucket in self._buckets]
-        return self._comm.agree_on_grads(self._buckets, grads)
+    # -- gradients ------------------------------------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's ``zero_grad``; also drops gradients ``clip_grad_norm_`` averaged for a step not taken."""
-        self._prepared_grads = None
+        """torch's ``zero_grad``; also ends the step's gradient bookkeeping (averages in flight, clipping)."""
+        self._sync.end_step()
         super().zero_grad(set_to_none)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients without communicating: backward passes inside launch no average.
+
+        The next backward outside (with ``overlap_grad_reduce``) or ``step()`` averages the sum once.
+        Under DDP, use ``model.no_sync()`` with ``reduce_grads=False`` instead: DDP averages.
+        """
+        with self._sync.no_sync():
+            yield
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
@@ -186,154 +486,49 @@ class Optimizer(torch.optim.Optimizer):
         between ``backward()`` and ``step()``.
 
         Sharded, this is a collective call: it averages the gradients now (``step()`` then does not
-        again), each rank takes the norm of its own shards, one ``all_reduce`` of a scalar combines
-        them, and each rank scales its own shard of the gradient, which is what ``step()`` uses; the
-        rest of ``.grad`` is neither averaged nor scaled. ``zero_grad()`` discards the prepared gradients.
+        again), each rank takes the norm of its own shards, one reduction of a scalar combines them,
+        and each rank scales its own shard of the gradient, which is what ``step()`` uses; the rest of
+        ``.grad`` is neither averaged nor scaled. ``zero_grad()`` discards the prepared gradients.
         """
-        ready = self._prepared_grads
-        if ready is None:
-            ready = self._collect_grads()
-            if self.reduce_grads and not isinstance(self._comm, LocalComm):
-                self._comm.average_grads([bucket for bucket, positions in zip(self._buckets, ready) if positions])
-                self._prepared_grads = ready  # averaged in place: step() must not average them again
+        ready = self._sync.collect()
+        for _ in self._sync.averaged(ready):
+            pass
+        sharded, whole = [], []
+        for bucket, positions in zip(self._buckets, ready):
+            if not positions:
+                continue
+            if bucket.is_sharded:
+                sharded.append(bucket.shard_grad)
+            elif all(bucket.grad_in_buffer(p) for p in positions):
+                bucket.zero_grads_except(positions)
+                whole.append(bucket.shard_grad)
+            else:
+                whole.extend(bucket.params[p].grad for p in positions)
+        self._prepare_unbucketed_grads()
+        whole.extend(self._unbucketed_grads())
         return clip_grad_norm(
-            self._buckets, ready, self._comm,
-            max_norm=max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite,
+            sharded, whole, self._comm, max_norm=max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
         )
 
-    def _update_bucket(self, bucket: FlatBucket, positions: list[int]) -> None:
-        group = self.param_groups[bucket.layout.group]
-        h = GroupView(group)
-        initial = self.rule.state(h)
-        new_names = initial.keys() - bucket.state.keys()
-        bucket.ensure_state(initial)
-        implementation = resolve_implementation(
-            group, device=bucket.layout.device, has_fused=self.rule.fused is not None
-        )
+    def _state_in_buckets(self) -> set[int]:
+        """``id`` of every parameter whose optimizer state lives in a bucket (none without a rule:
+        LBFGS packs its parameters but keeps torch's per-parameter state)."""
+        if self.rule is None:
+            return set()
+        return {id(p) for bucket in self._buckets for p in bucket.params}
 
-        everyone = len(positions) == len(bucket.steps)
-        # torch creates a parameter's state at its first update, from the group as it is then (Rprop's
-        # step_size starts at that step's lr): refill the slots starting now if their state is not new.
-        carried = {name: value for name, value in initial.items() if name not in new_names}
-        for position in positions:
-            if carried and bucket.steps[position] == 0:
-                bucket.reset_slot(position, carried)
-            bucket.steps[position] += 1
-        if everyone:
-            bucket.step_tensor.add_(1)
-        else:
-            bucket.step_tensor[positions] += 1
-        scalar_state = self._advance_scalar_state(bucket, positions, h)
-        for position in range(len(bucket.steps)) if new_names else positions:
-            if bucket.steps[position] == 1 or (new_names and bucket.steps[position] > 0):
-                self._expose_state(bucket, position, initial)
+    def _unbucketed_grads(self) -> list[Tensor]:
+        """Gradients of the parameters that live outside buckets (per-parameter groups)."""
+        bucketed = {id(p) for bucket in self._buckets for p in bucket.params}
+        return [
+            p.grad for group in self.param_groups for p in group["params"]
+            if id(p) not in bucketed and p.grad is not None
+        ]
 
-        # Parameters at the same step with the same scalar state share one call of the update: the whole
-        # shard when every gradient is in flat_grad, or (fused) the runs of flat_grad and the gradients
-        # the bucket kept where autograd put them (see FlatBucket.keeps_large_grads).
-        kinds = {position: (bucket.steps[position], scalar_state[position]) for position in positions}
-        elsewhere = bucket.grads_elsewhere(positions)
-        one_call = implementation is not Implementation.FOR_LOOP and len(set(kinds.values())) == 1
-        if one_call and (implementation is Implementation.FUSED if elsewhere else everyone):
-            pieces = bucket.runs(positions) if elsewhere else [(0, bucket.layout.shard_numel, None)]
-            steps = [bucket.step_tensor[positions[0]]] * len(pieces)
-            step, values = kinds[positions[0]]
-            self._run_pieces(bucket, implementation, pieces, initial, steps, h, step, dict(values))
-            return
-        for position in elsewhere:
-            bucket.adopt_grad(position)
-        if implementation is Implementation.FUSED and isinstance(self.rule.fused, CompiledUpdate):
-            implementation = Implementation.FOREACH  # see CompiledUpdate: compiled for whole shards only
-        by_kind: dict[tuple[int, tuple[tuple[str, float], ...]], list[int]] = defaultdict(list)
-        for position in positions:
-            if bucket.segment_of(position) is not None:
-                by_kind[kinds[position]].append(position)
-        for (step, values), members in by_kind.items():
-            pieces = [(s.start, s.stop, None) for s in map(bucket.segment_of, members)]
-            steps = [bucket.step_tensor[position] for position in members]
-            self._run_pieces(bucket, implementation, pieces, initial, steps, h, step, dict(values))
+    def _prepare_unbucketed_grads(self) -> None:
+        """Before clipping: bring unbucketed gradients to what ``step()`` will use (replicated ones averaged)."""
 
-    def _run_pieces(
-        self,
-        bucket: FlatBucket,
-        implementation: Implementation,
-        pieces: list[tuple[int, int, Tensor | None]],
-        initial: dict[str, float],
-        steps: list[Tensor],
-        h: GroupView,
-        step: int,
-        scalar_state: dict[str, float],
-    ) -> None:
-        """One update over ``(start, stop, grad)`` pieces of the shard; ``grad`` None: that slice of ``shard_grad``."""
-        cut = lambda flat: [flat[start:stop] for start, stop, _ in pieces]  # noqa: E731
-        grads = [bucket.shard_grad[start:stop] if grad is None else grad for start, stop, grad in pieces]
-        states = {name: cut(bucket.state[name]) for name in initial}
-        self._run(bucket, implementation, cut(bucket.shard_param), grads, states, steps, h, step, scalar_state)
-
-    def _advance_scalar_state(
-        self, bucket: FlatBucket, positions: list[int], h: GroupView
-    ) -> dict[int, tuple[tuple[str, float], ...]]:
-        """Each updating parameter's ``rule.scalar_state`` as this update sees it; stores the values after it.
-
-        Runs once the step counts are incremented; a parameter's first update starts from step 0's values.
-        """
-        if self.rule.scalar_state is None:
-            return dict.fromkeys(positions, ())
-        starting = [position for position in positions if bucket.steps[position] == 1]
-        if starting:
-            bucket.set_scalar_state(starting, self.rule.scalar_state(h, 0))
-        stored = {name: tensor.tolist() for name, tensor in bucket.scalar_state.items()}
-        before = {position: tuple((name, stored[name][position]) for name in stored) for position in positions}
-        by_kind: dict[tuple[int, tuple[tuple[str, float], ...]], list[int]] = defaultdict(list)
-        for position in positions:
-            by_kind[bucket.steps[position], before[position]].append(position)
-        for (step, previous), members in by_kind.items():
-            bucket.set_scalar_state(members, self.rule.scalar_state(h, step, **dict(previous)))
-        return before
-
-    def _run(
-        self,
-        bucket: FlatBucket,
-        implementation: Implementation,
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: dict[str, list[Tensor]],
-        steps: list[Tensor],
-        h: GroupView,
-        step: int,
-        scalar_state: dict[str, float],
-    ) -> None:
-        if bucket.layout.dtype.is_complex:
-            # Every algorithm treats a complex number as a pair of reals, as torch.optim does.
-            as_real = lambda tensors: [torch.view_as_real(t) for t in tensors]  # noqa: E731
-            params, grads = as_real(params), as_real(grads)
-            states = {name: as_real(tensors) for name, tensors in states.items()}
-        rule = self.rule
-        if implementation is Implementation.FUSED:
-            rule.fused(params, grads, states, steps, h, step, **scalar_state)
-            return
-        c = rule.scalars(h, step, **scalar_state)
-        if implementation is Implementation.FOR_LOOP:
-            for i, (p, g) in enumerate(zip(params, grads)):
-                rule.update(p, g, types.SimpleNamespace(**{k: v[i] for k, v in states.items()}), h, c)
-        else:
-            run_eager(rule.update, params, grads, states, h, c)
-
-    def _expose_state(self, bucket: FlatBucket, position: int, initial: dict[str, float]) -> None:
-        """Point ``self.state[param]`` at the views of one parameter's state, in torch's layout."""
-        entry: dict[str, Tensor] = {}
-        if self.rule.step_in_state:
-            entry["step"] = bucket.step_tensor[position]
-        for name, values in bucket.scalar_state.items():
-            entry[name] = values[position]
-        for name in initial:
-            view = bucket.state_view(name, position)
-            if view is not None:
-                entry[name] = view
-        if entry:
-            self.state[bucket.params[position]] = entry
-
-    # -- state dict -----------------------------------------------------------------------------
+    # -- state dicts ----------------------------------------------------------------------------
 
     def state_dict(self, *, rank0_only: bool = False) -> dict[str, Any]:
         """torch's state dict: ``{"state": {index: {name: tensor shaped like the param}}, "param_groups": ...}``.
@@ -343,19 +538,19 @@ class Optimizer(torch.optim.Optimizer):
         ``rank0_only=True`` only group rank 0 does and every other rank gets ``{}``. Unsharded (or
         replicated), every rank already holds the full state and returns it; ``rank0_only`` is ignored.
 
-        Sharded state tensors are views of one flat tensor per (bucket, state name): save the dict whole
-        (as ``torch.save`` does), and copy what you extract from it.
+        State tensors are views of one flat tensor per (bucket, state name): save the dict whole (as
+        ``torch.save`` does), and copy what you extract from it.
         """
-        if self._comm.world_size == 1:
+        if self._shards == 1:
             return super().state_dict()
-        names = []
-        for bucket in self._buckets:
-            initial = self.rule.state(GroupView(self.param_groups[bucket.layout.group]))
-            names.append([name for name in initial if name in bucket.state])
-        full = gather_full_state(self._buckets, self.state, names, self._comm, dst=0 if rank0_only else None)
+        sharded = [bucket for bucket in self._buckets if bucket.is_sharded]
+        full = gather_full_state(sharded, self.state, self._comm, dst=0 if rank0_only else None)
         if rank0_only and self._comm.rank != 0:
             return {}
-        own, self.state = self.state, defaultdict(dict, full)
+        bucketed = {id(p) for bucket in sharded for p in bucket.params}
+        merged = defaultdict(dict, full)
+        merged.update({p: entry for p, entry in self.state.items() if id(p) not in bucketed})
+        own, self.state = self.state, merged
         try:
             return super().state_dict()
         finally:
@@ -366,8 +561,10 @@ class Optimizer(torch.optim.Optimizer):
 
         Everything is checked before anything changes: a state dict with another number of groups,
         other group sizes, state tensors of the wrong size or invalid hyper-parameters raises
-        ``ValueError`` and leaves the optimizer as it was.
+        ``ValueError`` and leaves the optimizer as it was. The state dict may be this optimizer's own
+        (its tensors views of the buckets, as DCP's in-place load leaves them): nothing is lost.
         """
+        state_dict = state_dict.copy()
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             replaced = hook(self, state_dict)
             if replaced is not None:
@@ -387,69 +584,96 @@ class Optimizer(torch.optim.Optimizer):
                     f"optimizer's group: group {i} has {len(saved['params'])} saved parameters, "
                     f"{len(group['params'])} here"
                 )
-            merged = {**saved, "params": group["params"]}
+            merged = {**copy.deepcopy({k: v for k, v in saved.items() if k != "params"}), "params": group["params"]}
+            if "param_names" in group and "param_names" not in saved:
+                merged["param_names"] = group["param_names"]
             self._check_group(merged)
             merged_groups.append(merged)
-        if self.rule is None:
-            self._load_per_parameter_state(merged_groups, saved_groups, saved_state)
-            for hook in self._optimizer_load_state_dict_post_hooks.values():
-                hook(self)
-            return
-
-        # Saved indices follow the saved groups' "params" lists, matched in order to ours.
-        owner = {id(p): (bucket, position) for bucket in self._buckets for position, p in enumerate(bucket.params)}
-        targets = {}
-        for group, saved in zip(merged_groups, saved_groups):
-            initial = self.rule.state(GroupView(group))
-            scalars = self.rule.scalar_state(GroupView(group), 0) if self.rule.scalar_state else {}
-            scalar_keys = {"step", *scalars}
-            for param, index in zip(group["params"], saved["params"]):
-                if index in saved_state:
-                    entry = _checked_entry(saved_state[index], param, initial, scalar_keys, index)
-                    targets[index] = (param, initial, entry)
-
+        bucketed = self._state_in_buckets()
+        apply_buckets = load_bucketed_state(self, merged_groups, saved_groups, saved_state, bucketed)
+        per_parameter = load_per_parameter_state(merged_groups, saved_groups, saved_state, bucketed)
         for group, merged in zip(self.param_groups, merged_groups):
-            group.update({key: value for key, value in merged.items() if key != "params"})
-        self.state = defaultdict(dict)
-        for bucket in self._buckets:
-            initial = self.rule.state(GroupView(self.param_groups[bucket.layout.group]))
-            bucket.ensure_state(initial)
-            for position in range(len(bucket.params)):
-                bucket.reset_slot(position, initial)
-        for param, initial, entry in targets.values():
-            bucket, position = owner[id(param)]
-            steps = int(entry["step"]) if "step" in entry else 1
-            bucket.steps[position] = steps
-            bucket.step_tensor[position] = steps
-            if self.rule.scalar_state is not None:
-                # Saved values win over derived ones: they reflect the lr of the saved run's last step.
-                derived = self.rule.scalar_state(GroupView(self.param_groups[bucket.layout.group]), steps)
-                bucket.set_scalar_state([position], {k: float(entry.get(k, v)) for k, v in derived.items()})
-            segment = bucket.segment_of(position)
-            if segment is not None:
-                for name in initial:
-                    if name in entry:
-                        flat = entry[name].reshape(-1)[segment.param_start : segment.param_start + segment.numel]
-                        bucket.state[name][segment.start : segment.stop].copy_(flat)
-            self._expose_state(bucket, position, initial)
+            group.clear()
+            group.update(merged)
+        self.state = defaultdict(dict, per_parameter)
+        apply_buckets()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _load_per_parameter_state(
-        self, merged_groups: list[dict[str, Any]], saved_groups: list[dict[str, Any]], saved_state: dict[Any, Any]
-    ) -> None:
-        """Adopt checked groups and torch-format state as torch does: tensors cast like their parameter."""
-        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
-        for group, saved in zip(merged_groups, saved_groups):
-            for param, index in zip(group["params"], saved["params"]):
-                if index in saved_state:
-                    state[param] = {
-                        name: value if name == "step" else _cast_like(param, value)
-                        for name, value in saved_state[index].items()
-                    }
-        for group, merged in zip(self.param_groups, merged_groups):
-            group.update({key: value for key, value in merged.items() if key != "params"})
-        self.state = state
+    def shard_state_dict(self) -> dict[str, Any]:
+        """This rank's own part of the optimizer state, without a collective and without copies.
+
+        ``{"algorithm", "rank", "world_size", "param_groups", "buckets", "per_parameter"}``: the groups
+        in torch's packed format (hyper-parameters, parameter indices, ``param_names`` when given);
+        per bucket its ``layout`` (``BucketLayout.to_dict()``: the parameter table with shapes, dtype,
+        offsets, padding and every rank's range), ``steps`` and ``scalars`` (one number per slot),
+        and ``state``: this rank's shard of each state tensor, a view of the live buffer; and the
+        torch-format state of parameters outside buckets. Everything but the tensors is JSON data.
+        ``load_shard_state_dict`` puts it back on the same layout;
+        :func:`shardoptim.core.reshard.plan_copies` maps it onto another world size.
+        """
+        return shard_state(self)
+
+    def load_shard_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``shard_state_dict()``'s output on the same layout and rank; values are copied.
+
+        Everything is checked first (algorithm, rank and world size, layouts, tensor sizes,
+        hyper-parameters): a mismatch raises ``ValueError`` and changes nothing.
+        """
+        read_shard_state(self, state)
+
+    def memory_report(self) -> MemoryReport:
+        """Per rank, the bytes of parameters, gradients, optimizer state and padding (no collective)."""
+        return memory_report(self._buckets, self._shards)
+
+    # -- copies ---------------------------------------------------------------------------------
+
+    def _portable_state(self) -> dict[str, Any]:
+        return {
+            "defaults": self.defaults,
+            "param_groups": self.param_groups,
+            "reduce_grads": self.reduce_grads,
+            "sharding": self.sharding,
+            "process_group": self._process_group,
+            "shard_state": self.shard_state_dict(),
+        }
+
+    @property
+    def _process_group(self) -> Any:
+        return getattr(self._comm, "group", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._process_group is not None:
+            raise TypeError(
+                f"a sharded {type(self).__name__} cannot be pickled: its process group belongs to this "
+                f"process. Save state_dict() or shard_state_dict(), or use shardoptim.checkpoint."
+            )
+        return self._portable_state()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "shard_state" not in state:  # a plain torch.optim pickle
+            super().__setstate__(state)
+            return
+        groups = [dict(group) for group in state["param_groups"]]
+        Optimizer.__init__(
+            self, groups, state["defaults"], process_group=state["process_group"],
+            reduce_grads=state["reduce_grads"], sharding=state["sharding"],
+        )
+        read_shard_state(self, state["shard_state"], same_rank_only=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Optimizer:
+        group = self._process_group
+        if group is not None:
+            memo[id(group)] = group  # the copy works with the same ranks
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self._portable_state(), memo))
+        return copied
+
+    def __copy__(self) -> Optimizer:
+        copied = type(self).__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
 
     def __repr__(self) -> str:
         name = type(self).__name__
@@ -458,32 +682,27 @@ class Optimizer(torch.optim.Optimizer):
         return f"{name} [{summary}]" + super().__repr__().removeprefix(name)
 
 
-def _cast_like(param: Tensor, value: Any) -> Any:
-    """``value`` with every tensor in it (also inside lists and dicts) on ``param``'s device, and in its
-    dtype when ``param`` is real floating point: torch's rule for loaded state."""
-    if isinstance(value, Tensor):
-        return value.to(dtype=param.dtype, device=param.device) if param.is_floating_point() else value.to(param.device)
-    if isinstance(value, dict):
-        return {key: _cast_like(param, item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cast_like(param, item) for item in value)
-    return value
+def _comm_for(process_group: Any, config: ShardingConfig) -> Comm:
+    """The ``Comm`` for ``process_group``; a group of one (or none) is the local world."""
+    if process_group is None:
+        return LocalComm()
+    import torch.distributed as dist
+
+    from .distributed import ProcessGroupComm
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) == 1:
+        return LocalComm()
+    return ProcessGroupComm(process_group, config)
 
 
-def _checked_entry(
-    entry: dict[str, Any], param: Tensor, initial: dict[str, float], scalar_keys: set[str], index: int
-) -> dict[str, Any]:
-    """One parameter's saved state, checked against the parameter it is about to fill."""
-    for name, value in entry.items():
-        if name in scalar_keys:
-            if not (isinstance(value, (int, float)) or isinstance(value, Tensor) and value.numel() == 1):
-                raise ValueError(f"state {name!r} of parameter {index} must be a number or a one-element tensor")
-            continue
-        if name not in initial:
-            raise ValueError(f"state of parameter {index} has an entry {name!r} this optimizer does not keep")
-        if not isinstance(value, Tensor) or value.numel() != param.numel():
-            size = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(
-                f"state {name!r} of parameter {index} has size {size}, the parameter {tuple(param.shape)}"
-            )
-    return entry
+def _unique(params: Iterable[Tensor]) -> list[Tensor]:
+    """``params`` without repeats, in order of first appearance."""
+    seen: set[int] = set()
+    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]
+
+
+def _rounds(positions: list[int], repeats: dict[int, int]) -> Iterator[list[int]]:
+    """The positions to update, then again those listed more than once in their group, per extra listing."""
+    yield positions
+    for round_ in range(1, 1 + max((repeats.get(p, 0) for p in positions), default=0)):
+        yield [p for p in positions if repeats.get(p, 0) >= round_]

@@ -21,6 +21,7 @@ class Bucket(Protocol):
 
     flat_param: Tensor  # 1-D, the whole (padded) bucket; the model's parameters are views into it
     shard_param: Tensor  # 1-D view of the part of ``flat_param`` this rank owns and updates
+    is_sharded: bool  # whether other ranks own other parts of ``flat_param``
 
 
 class ShardedEMA:
@@ -115,7 +116,7 @@ class ShardedEMA:
         the model sees) hold the swapped-in values.
         """
         buckets = self._buckets()
-        sharded = any(bucket.shard_param.numel() != bucket.flat_param.numel() for bucket in buckets)
+        sharded = any(bucket.is_sharded for bucket in buckets)
         gather = getattr(self.optimizer, "gather_params", None)
         if sharded and not callable(gather):
             raise RuntimeError(

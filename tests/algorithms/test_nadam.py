@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shardoptim.algorithms import nadam
-from shardoptim.core import GroupView
+from shardoptim.core import HyperParams
 from tests.algorithms.cases import BY_NAME, run
 from tests.oracle import assert_same_state, assert_same_trajectory
 
@@ -25,6 +25,6 @@ def test_nadam_mu_product_is_a_running_product(implementation):
     ours, theirs, our_opt, their_opt = run("NAdam", BY_NAME["NAdam"].main[0], implementation, between=cycle_beta1)
     assert_same_trajectory(ours, theirs, torch.float32)
     assert_same_state(our_opt.state_dict(), their_opt.state_dict())
-    h = GroupView(their_opt.param_groups[0])
-    closed_form = nadam.scalar_state(h, 50)["mu_product"]
+    h = HyperParams.of(their_opt.param_groups[0])
+    closed_form = float(nadam.scalar_state(h, 50)["mu_product"])
     assert not math.isclose(closed_form, their_opt.state[theirs[0]]["mu_product"].item(), rel_tol=1e-3)

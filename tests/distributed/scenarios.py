@@ -21,8 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import shardoptim
-from shardoptim.core import distributed as sharded_comm
-from shardoptim.core.compiled import CompiledUpdate
+from shardoptim.core.distributed import ProcessGroupComm
 
 STEPS = 6
 BATCH = 8  # rows per step, split evenly across ranks (2 or 4)
@@ -56,7 +55,7 @@ def shardable_algorithms() -> list[str]:
 
 def is_compiled(name: str) -> bool:
     """Whether ``name``'s fused implementation is its update compiled (rather than a torch kernel)."""
-    return isinstance(getattr(shardoptim, name).rule.fused, CompiledUpdate)
+    return getattr(shardoptim, name).rule.kernel is None
 
 
 class Tiny(nn.Module):
@@ -137,23 +136,10 @@ def assert_close(ours: Iterator[torch.Tensor], theirs: Iterator[torch.Tensor], w
         torch.testing.assert_close(a.detach(), b.detach(), atol=atol, rtol=rtol, msg=lambda m: f"{what}, tensor {index}: {m}")
 
 
-@contextlib.contextmanager
-def comm_settings(pattern: str | None = None, bucket_cap_numel: int | None = None) -> Iterator[None]:
-    """Force a collective pattern (``"gloo"``/``"default"``) or a bucket cap for optimizers built inside."""
-    saved = sharded_comm.pattern_for, sharded_comm.SHARDED_BUCKET_CAP_NUMEL
-    if pattern is not None:
-        chosen = {"gloo": sharded_comm.GLOO_PATTERN, "default": sharded_comm.DEFAULT_PATTERN}[pattern]
-        sharded_comm.pattern_for = lambda backend, device: chosen
-    if bucket_cap_numel is not None:
-        sharded_comm.SHARDED_BUCKET_CAP_NUMEL = bucket_cap_numel
-    try:
-        yield
-    finally:
-        sharded_comm.pattern_for, sharded_comm.SHARDED_BUCKET_CAP_NUMEL = saved
-
-
-def build(name: str, params: Any, *, sharded: bool, **extra: Any) -> torch.optim.Optimizer:
-    """``name`` with ``KWARGS``: shardoptim's over the whole world, or torch's.
+def build(name: str, params: Any, *, sharded: bool, sharding: dict[str, Any] | None = None,
+          **extra: Any) -> torch.optim.Optimizer:
+    """``name`` with ``KWARGS``: shardoptim's over the whole world (with ``ShardingConfig(**sharding)``),
+    or torch's.
 
     Algorithms whose fused implementation is compiled run foreach here unless told otherwise: compiling
     costs seconds per process and the sharded logic does not depend on the implementation
@@ -164,23 +150,22 @@ def build(name: str, params: Any, *, sharded: bool, **extra: Any) -> torch.optim
         cls = getattr(shardoptim, name)
         if is_compiled(name) and "fused" not in kwargs and "foreach" not in kwargs:
             kwargs["foreach"] = True
-        return cls(params, **kwargs, process_group=dist.group.WORLD)
+        config = shardoptim.ShardingConfig(**(sharding or {}))
+        return cls(params, **kwargs, process_group=dist.group.WORLD, sharding=config)
     return getattr(torch.optim, name)(params, **kwargs)
 
 
 # -- scenarios: each runs on every rank --------------------------------------------------------------
 
 
-def training_parity(name: str, pattern: str | None = None, bucket_cap_numel: int | None = None,
-                    extra: dict[str, Any] | None = None) -> float:
-    """Sharded training of ``Tiny`` with ``name`` (and our ``extra`` options) matches the oracle after every
-    step; returns the largest difference."""
+def training_parity(name: str, sharding: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> float:
+    """Sharded training of ``Tiny`` with ``name`` (``ShardingConfig(**sharding)``, our ``extra`` options)
+    matches the oracle after every step; returns the largest difference."""
     extra = extra or {}
     world = dist.get_world_size()
     model, reference = models()
     lr = KWARGS.get(name, {}).get("lr")
-    with comm_settings(pattern, bucket_cap_numel):
-        opt = build(name, model.groups(lr), sharded=True, **extra)
+    opt = build(name, model.groups(lr), sharded=True, sharding=sharding, **extra)
     ref_opt = build(name, reference.groups(lr), sharded=False)
     worst = 0.0
     for step in range(STEPS):
@@ -315,21 +300,30 @@ def assert_state_equal(ours: dict[str, Any], theirs: dict[str, Any], what: str) 
                 assert math.isclose(float(mine[key]), float(value), rel_tol=1e-6), f"{what}, param {index} {key}"
 
 
-def state_bytes() -> dict[str, int]:
-    """Per-rank optimizer state of Adam over a ragged parameter list, against the unsharded total."""
+def memory_of_adam(shard_grads: bool) -> dict[str, Any]:
+    """Per-rank bytes of fp32 Adam over a ragged parameter list after a step: the report and what the
+    tensors themselves hold, against the unsharded totals."""
     torch.manual_seed(0)
     shapes = [(257, 33), (33,), (1000,), (17, 3, 5), (1,), (64, 64), (4099,)]
     params = [nn.Parameter(torch.randn(shape)) for shape in shapes]
-    opt = shardoptim.Adam(params, lr=1e-3, process_group=dist.group.WORLD)
+    opt = shardoptim.Adam(params, lr=1e-3, process_group=dist.group.WORLD,
+                          sharding=shardoptim.ShardingConfig(shard_grads=shard_grads, bucket_cap_numel=4000))
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    per_rank = sum(t.numel() * t.element_size() for bucket in opt.buckets for t in bucket.state.values())
-    per_rank += sum(b.step_tensor.numel() * b.step_tensor.element_size() for b in opt.buckets)
-    padded = sum(bucket.layout.numel for bucket in opt.buckets)
-    elements = sum(p.numel() for p in params)
-    return {"per_rank": per_rank, "total": 2 * 4 * elements, "padded": 2 * 4 * padded, "slots": len(params),
-            "steps": sum(b.step_tensor.numel() * b.step_tensor.element_size() for b in opt.buckets)}
+    report = opt.memory_report()
+    mine = report.ranks[dist.get_rank()]
+    state = sum(t.untyped_storage().nbytes() for b in opt.buckets for t in b.state.tensors.values())
+    state += sum(b.state.steps.nbytes for b in opt.buckets)
+    grads = sum(b.flat_grad.untyped_storage().nbytes() for b in opt.buckets if b.flat_grad is not None)
+    if shard_grads:
+        grads += sum(b.shard_grad.untyped_storage().nbytes() for b in opt.buckets)
+    return {
+        "report": [(r.params, r.grads, r.state, r.padding) for r in report.ranks], "mine": (mine.grads, mine.state),
+        "measured": (grads, state), "elements": sum(p.numel() for p in params), "slots": len(params),
+        "buckets": len(opt.buckets), "largest": report.largest_state_share,
+        "grads_after_step": [p.grad is None for p in params],
+    }
 
 
 def mismatched_params(kind: str) -> None:
@@ -418,7 +412,7 @@ def lbfgs_parity(line_search_fn: str | None) -> None:
                      atol=1e-5, rtol=1e-4)
 
 
-def sparse_adam_parity(dense_fallback: bool) -> None:
+def sparse_adam_parity() -> None:
     """Replicated SparseAdam: sparse gradients averaged over ranks (union of rows), torch's update."""
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
@@ -430,24 +424,32 @@ def sparse_adam_parity(dense_fallback: bool) -> None:
     def rows(step: int, r: int) -> torch.Tensor:
         return torch.tensor([(step + r) % 12, (3 * step + 2 * r) % 12, 5])  # overlapping and disjoint rows
 
-    saved = sharded_comm.backend_for
-    if dense_fallback:  # the path for backends without sparse all_reduce (NCCL), exercised on gloo
-        sharded_comm.backend_for = lambda backend, device: "not-gloo"
-    try:
-        for step in range(STEPS):
-            if step != 2 or rank == 0:  # at step 2 only rank 0 has a gradient
-                (model(rows(step, rank)) ** 2).sum().backward()
-            for r in range(world):
-                if step != 2 or r == 0:
-                    (reference(rows(step, r)) ** 2).sum().backward()
-            reference.weight.grad.div_(world)
-            opt.step()
-            ref_opt.step()
-            opt.zero_grad()
-            ref_opt.zero_grad()
-            assert_close(model.parameters(), reference.parameters(), f"SparseAdam step {step}")
-    finally:
-        sharded_comm.backend_for = saved
+    for step in range(STEPS):
+        if step != 2 or rank == 0:  # at step 2 only rank 0 has a gradient
+            (model(rows(step, rank)) ** 2).sum().backward()
+        for r in range(world):
+            if step != 2 or r == 0:
+                (reference(rows(step, r)) ** 2).sum().backward()
+        reference.weight.grad.div_(world)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        assert_close(model.parameters(), reference.parameters(), f"SparseAdam step {step}")
+
+
+def sparse_sum_as_dense_matches_sparse_all_reduce() -> None:
+    """The path for backends that cannot all-reduce sparse tensors (NCCL), run on gloo against gloo's own."""
+    rank = dist.get_rank()
+    rows = torch.tensor([[rank, 5, 5, 7 + rank]])
+    values = torch.arange(8.0).reshape(4, 2) + rank
+    native = torch.sparse_coo_tensor(rows, values, (12, 2))
+    dense_path = native.clone()
+    comm = ProcessGroupComm(dist.group.WORLD, shardoptim.ShardingConfig())
+    comm._reduce_sparse_as_dense(dense_path).wait()
+    dist.all_reduce(native)
+    torch.testing.assert_close(dense_path.to_dense(), native.to_dense())
+    assert sorted(dense_path.coalesce().indices()[0].tolist()) == sorted(set(native.coalesce().indices()[0].tolist()))
 
 
 def gather_params_refreshes_every_rank() -> None:
@@ -459,5 +461,92 @@ def gather_params_refreshes_every_rank() -> None:
         bucket.shard_param.fill_(rank + 1)
     opt.gather_params()
     for bucket in opt.buckets:
-        expected = torch.arange(1, world + 1, dtype=bucket.flat_param.dtype).repeat_interleave(bucket.layout.shard_numel)
+        expected = torch.arange(1, world + 1, dtype=bucket.flat_param.dtype).repeat_interleave(bucket.layout.shard_numel(0))
         assert torch.equal(bucket.flat_param, expected), "flat parameters not gathered from every shard"
+
+
+def accumulation_parity(name: str, ddp: bool, sharding: dict[str, Any] | None = None, micro_batches: int = 4) -> None:
+    """Gradients accumulated over micro-batches, averaged once: inside ``opt.no_sync()`` (ours average)
+    or DDP's ``model.no_sync()`` with ``reduce_grads=False``; parameters skip gradients in some
+    micro-batches and steps. Matches torch on the whole batch."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model, reference = models()
+    lr = KWARGS.get(name, {}).get("lr")
+    trained: nn.Module = DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
+    opt = build(name, model.groups(lr), sharded=True, sharding=sharding, reduce_grads=not ddp)
+    ref_opt = build(name, reference.groups(lr), sharded=False)
+    for step in range(STEPS):
+        for micro in range(micro_batches):
+            x, y = batch(100 * step + micro)
+            last = micro == micro_batches - 1
+            quiet = contextlib.nullcontext() if last else (trained.no_sync() if ddp else opt.no_sync())
+            with quiet:
+                loss_of(trained, rank_slice(x, rank, world), rank_slice(y, rank, world), usage(step + micro, rank)).backward()
+            for r in range(world):
+                loss_of(reference, rank_slice(x, r, world), rank_slice(y, r, world), usage(step + micro, r)).backward()
+        for param in reference.parameters():
+            if param.grad is not None:
+                param.grad.div_(world)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        assert_close(model.parameters(), reference.parameters(), f"{name} accumulated, step {step}")
+
+
+def shard_state_round_trip(name: str, sharding: dict[str, Any] | None = None) -> None:
+    """``shard_state_dict()`` -> a fresh optimizer's ``load_shard_state_dict()``: training goes on bit for bit."""
+    model, _ = models()
+    lr = KWARGS.get(name, {}).get("lr")
+    opt = build(name, model.groups(lr), sharded=True, sharding=sharding)
+    for step in range(3):
+        own_backward(model, step)
+        opt.step()
+        opt.zero_grad()
+    saved = opt.shard_state_dict()
+    assert all(t.data_ptr() == live.data_ptr() for b, saved_b in zip(opt.buckets, saved["buckets"])
+               for t, live in zip(saved_b["state"].values(), b.state.tensors.values())), "views, not copies"
+    saved = copy.deepcopy(saved)
+    resumed_model = copy.deepcopy(model)
+    resumed = build(name, resumed_model.groups(lr), sharded=True, sharding=sharding)
+    resumed.load_shard_state_dict(saved)
+    for step in range(3, 6):
+        for m, o in ((model, opt), (resumed_model, resumed)):
+            own_backward(m, step)
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b), f"{name}: resumed parameters differ"
+    for a, b in zip(opt.buckets, resumed.buckets, strict=True):
+        assert a.state.tensors.keys() == b.state.tensors.keys()
+        assert all(torch.equal(a.state.tensors[k], b.state.tensors[k]) for k in a.state.tensors)
+        assert torch.equal(a.state.steps, b.state.steps)
+
+
+def late_gradient_under_overlap_raises() -> None:
+    """With overlap, a second backward outside no_sync() into buckets already launched raises on every
+    rank (nothing is written into a buffer being averaged); no_sync() accumulation is fine."""
+    model, _ = models()
+    opt = shardoptim.SGD(model.parameters(), lr=0.1, process_group=dist.group.WORLD,
+                         sharding=shardoptim.ShardingConfig(overlap_grad_reduce=True, bucket_cap_numel=32))
+    own_backward(model, 0, static=True)
+    with _raises(RuntimeError, "no_sync"):
+        own_backward(model, 1, static=True)
+    opt.zero_grad()
+    with opt.no_sync():
+        own_backward(model, 2, static=True)
+    own_backward(model, 3, static=True)
+    opt.step()
+
+
+def overlap_launches_during_backward() -> dict[str, int]:
+    """How many buckets backward itself launched (all of them, when every parameter gets a gradient:
+    ``rare`` gets none in a static step, so it stays out)."""
+    model, _ = models()
+    params = [p for name, p in model.named_parameters() if name != "rare"]
+    opt = shardoptim.Adam(params, process_group=dist.group.WORLD,
+                          sharding=shardoptim.ShardingConfig(overlap_grad_reduce=True, bucket_cap_numel=32))
+    own_backward(model, 0, static=True)
+    launched = len(opt._sync._finished)
+    opt.step()
+    return {"launched_in_backward": launched, "buckets": len(opt.buckets)}

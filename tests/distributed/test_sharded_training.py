@@ -2,41 +2,74 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from . import scenarios
 from .scenarios import shardable_algorithms
 
+#: Every collective choice and gradient mode a sharded step has, configured as users do: ShardingConfig.
+GRID = [
+    {"average": average, "gather": gather, "shard_grads": shard_grads, "overlap_grad_reduce": overlap,
+     "bucket_cap_numel": 40}
+    for average, gather, shard_grads, overlap in itertools.product(
+        ("reduce_scatter", "all_to_all", "all_reduce"), ("all_gather", "broadcast"), (False, True), (False, True)
+    )
+]
+ZERO2_OVERLAP = {"shard_grads": True, "overlap_grad_reduce": True, "bucket_cap_numel": 40}
 
-@pytest.mark.parametrize("name", shardable_algorithms())
-def test_two_ranks_match_single_process(worlds, name):
-    worst = worlds.get(2).run(scenarios.training_parity, name)
+
+def _grid_id(config):
+    flags = [config["average"], config["gather"]]
+    flags += ["zero2"] if config["shard_grads"] else []
+    flags += ["overlap"] if config["overlap_grad_reduce"] else []
+    return "-".join(flags)
+
+
+@pytest.mark.parametrize("sharding", GRID, ids=_grid_id)
+@pytest.mark.parametrize("name", ["Adam", "NAdam"])
+def test_every_collective_and_gradient_mode(worlds, name, sharding):
+    """Adam (torch's kernel) and NAdam (compiled) at 2 ranks under every ``ShardingConfig`` combination."""
+    worst = worlds.get(2).run(scenarios.training_parity, name, sharding, {"fused": True} if name == "NAdam" else None)
     assert worst[0] == worst[1], "ranks disagree on the parameters"
 
 
-@pytest.mark.parametrize("name", ["Adam", "SGD"])
-def test_four_ranks_match_single_process(worlds, name):
-    worlds.get(4).run(scenarios.training_parity, name)
-
-
-@pytest.mark.parametrize("pattern", ["gloo", "default"])
-@pytest.mark.parametrize("bucket_cap_numel", [None, 40], ids=["one-bucket-per-dtype", "many-buckets"])
-def test_collective_patterns_and_pipelined_buckets(worlds, pattern, bucket_cap_numel):
-    """Both collective patterns (gloo's and the reduce-scatter/all-gather one NCCL uses), with many buckets."""
-    worlds.get(2).run(scenarios.training_parity, "AdamW", pattern, bucket_cap_numel)
+@pytest.mark.parametrize("sharding", [None, ZERO2_OVERLAP], ids=["default", "zero2-overlap"])
+@pytest.mark.parametrize("name", shardable_algorithms())
+@pytest.mark.parametrize("size", [2, 4])
+def test_every_algorithm_matches_single_process(worlds, size, name, sharding):
+    worst = worlds.get(size).run(scenarios.training_parity, name, sharding)
+    assert len(set(worst)) == 1, "ranks disagree on the parameters"
 
 
 @pytest.mark.parametrize("implementation", [{"foreach": False}, {"foreach": True}, {"fused": True}],
                          ids=["for-loop", "foreach", "fused"])
 def test_every_implementation_shards(worlds, implementation):
-    worlds.get(2).run(scenarios.training_parity, "Adam", None, None, implementation)
+    worlds.get(2).run(scenarios.training_parity, "Adam", None, implementation)
 
 
-def test_compiled_update_sharded(worlds):
-    compiled = [name for name in shardable_algorithms() if scenarios.is_compiled(name)]
-    if not compiled:
-        pytest.skip("no algorithm uses a compiled update")
-    worlds.get(2).run(scenarios.training_parity, compiled[0], None, None, {"fused": True})
+@pytest.mark.parametrize("sharding", [None, ZERO2_OVERLAP], ids=["default", "zero2-overlap"])
+@pytest.mark.parametrize("ddp", [False, True], ids=["no_sync", "ddp-no_sync"])
+@pytest.mark.parametrize("name", ["Adam", "RMSprop"])
+def test_gradient_accumulation_over_micro_batches(worlds, name, ddp, sharding):
+    worlds.get(2).run(scenarios.accumulation_parity, name, ddp, sharding)
+
+
+@pytest.mark.parametrize("sharding", [None, ZERO2_OVERLAP], ids=["default", "zero2-overlap"])
+@pytest.mark.parametrize("name", ["AdamW", "NAdam", "ASGD"])
+def test_shard_state_round_trip_is_bitwise(worlds, name, sharding):
+    worlds.get(2).run(scenarios.shard_state_round_trip, name, sharding)
+
+
+def test_late_gradient_under_overlap_raises_everywhere(worlds):
+    worlds.get(2).run(scenarios.late_gradient_under_overlap_raises)
+
+
+def test_overlap_launches_complete_buckets_during_backward(worlds):
+    for numbers in worlds.get(2).run(scenarios.overlap_launches_during_backward):
+        assert numbers["buckets"] > 1
+        assert numbers["launched_in_backward"] == numbers["buckets"]
 
 
 @pytest.mark.parametrize("gradient_as_bucket_view", [False, True])
@@ -60,9 +93,12 @@ def test_replicated_lbfgs(worlds, line_search_fn):
     worlds.get(2).run(scenarios.lbfgs_parity, line_search_fn)
 
 
-@pytest.mark.parametrize("dense_fallback", [False, True], ids=["gloo-sparse-all-reduce", "dense-fallback"])
-def test_replicated_sparse_adam(worlds, dense_fallback):
-    worlds.get(2).run(scenarios.sparse_adam_parity, dense_fallback)
+def test_replicated_sparse_adam(worlds):
+    worlds.get(2).run(scenarios.sparse_adam_parity)
+
+
+def test_sparse_sum_without_sparse_all_reduce(worlds):
+    worlds.get(2).run(scenarios.sparse_sum_as_dense_matches_sparse_all_reduce)
 
 
 def test_gather_params_after_changing_shards(worlds):

@@ -20,44 +20,41 @@ from .comm import Comm
 def gather_full_state(
     buckets: Sequence[FlatBucket],
     state: Mapping[Tensor, dict[str, Any]],
-    names: Sequence[Sequence[str]],
     comm: Comm,
     *,
     dst: int | None,
 ) -> dict[Tensor, dict[str, Any]]:
-    """Every parameter's full state, keyed by parameter as ``Optimizer.state`` is.
+    """Every bucketed parameter's full state, keyed by parameter as ``Optimizer.state`` is.
 
-    ``names[i]`` are the per-element state tensors of ``buckets[i]`` to gather; any other entry of
-    ``state[param]`` (``step``, scalars) is the same on every rank and is taken as it is. With
-    ``dst=None`` the result is built on every rank; otherwise only on group rank ``dst`` and the
-    others get an empty dict. Collective: call on every rank.
-
-    Entries are views of one flat tensor per (bucket, name): save them whole, copy what you extract.
+    Per-element state is gathered from every rank's shard; any other entry of ``state[param]``
+    (``step``, scalars) is the same on every rank and is taken as it is. With ``dst=None`` the result
+    is built on every rank; otherwise only on group rank ``dst`` and the others get an empty dict.
+    Collective: call on every rank. Entries are views of one flat tensor per (bucket, name): save
+    them whole, copy what you extract.
     """
     receives = dst is None or comm.rank == dst
-    fulls: list[Tensor] = []
-    shards: list[Tensor] = []
-    for bucket, bucket_names in zip(buckets, names):
-        for name in bucket_names:
-            shard = bucket.state[name]
-            size = bucket.layout.numel if receives else 0
-            fulls.append(torch.empty(size, dtype=shard.dtype, device=shard.device))
-            shards.append(shard)
-    comm.gather_shards(fulls, shards, dst=dst)
+    pending, fulls = [], []
+    for bucket in buckets:
+        by_name = {}
+        for name, shard in bucket.state.tensors.items():
+            full = torch.empty(bucket.layout.numel if receives else 0, dtype=shard.dtype, device=shard.device)
+            pending.append(comm.launch_gather(full, shard, dst=dst))
+            by_name[name] = full
+        fulls.append(by_name)
+    for work in pending:
+        work.wait()
     if not receives:
         return {}
 
     gathered: dict[Tensor, dict[str, Any]] = {}
-    next_full = iter(fulls)
-    for bucket, bucket_names in zip(buckets, names):
-        by_name = {name: next(next_full) for name in bucket_names}
+    for bucket, by_name in zip(buckets, fulls):
+        steps = bucket.state.steps.tolist()
         for position, (param, slot) in enumerate(zip(bucket.params, bucket.layout.slots)):
             local = state.get(param, {})
-            if not local and bucket.steps[position] == 0:
+            if not local and steps[position] == 0:
                 continue
             entry = {key: value for key, value in local.items() if key not in by_name}
             for name, full in by_name.items():
                 entry[name] = full[slot.offset : slot.end].view(slot.shape)
-            if entry:
-                gathered[param] = entry
+            gathered[param] = entry
     return gathered

@@ -1,0 +1,80 @@
+"""``MemoryReport``: the bytes each rank holds for an optimizer, from its layouts and its own tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .bucket import FlatBucket
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one rank holds: ``params`` (the flat parameter buffers, whole on every rank), ``grads``
+    (flat gradient buffers allocated now, plus ZeRO-2's shard buffers), ``state`` (the optimizer state
+    of its shards, step counts and scalars included) and ``padding`` (the part of ``state`` and
+    ``grads`` that holds no parameter)."""
+
+    rank: int
+    params: int
+    grads: int
+    state: int
+    padding: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.state
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Per rank, the bytes of an optimizer; ``largest_state_share`` is the largest rank's optimizer
+    state against an even share of all ranks' (1.0: perfectly balanced)."""
+
+    ranks: tuple[RankMemory, ...]
+
+    @property
+    def largest_state_share(self) -> float:
+        total = sum(rank.state for rank in self.ranks)
+        if total == 0:
+            return 1.0
+        return max(rank.state for rank in self.ranks) / (total / len(self.ranks))
+
+    def __str__(self) -> str:
+        rows = [f"{'rank':>4} {'params':>12} {'grads':>12} {'state':>12} {'padding':>10}"]
+        rows += [f"{r.rank:>4} {r.params:>12,} {r.grads:>12,} {r.state:>12,} {r.padding:>10,}" for r in self.ranks]
+        rows.append(f"largest rank's optimizer state: {self.largest_state_share:.3f}x the even share")
+        return "\n".join(rows)
+
+
+def memory_report(buckets: Sequence[FlatBucket], world_size: int) -> MemoryReport:
+    """Each rank's bytes, computed from the layouts; this rank's gradient buffers as they are now.
+
+    Every rank keeps the same state names for a bucket and the same number of gradient buffers
+    allocated (they follow the same steps), so one rank can tell every rank's share.
+    """
+    ranks = []
+    for rank in range(world_size):
+        params = grads = state = padding = 0
+        for bucket in buckets:
+            layout = bucket.layout
+            size = layout.dtype.itemsize
+            shard = layout.shard_numel(rank)
+            shard_padding = _padding_in_range(bucket, *layout.shard_range(rank))
+            params += layout.numel * size
+            flat_grad = layout.numel * size if bucket.flat_grad is not None else 0
+            grads += flat_grad + (shard * size if bucket.shard_grads else 0)
+            padding += (shard_padding * size if bucket.shard_grads else 0)
+            if bucket.flat_grad is not None:
+                padding += bucket.padding_numel() * size
+            names = len(bucket.state.tensors)
+            state += names * shard * size + bucket.state.steps.nbytes
+            state += sum(t.nbytes for t in bucket.state.scalars.values())
+            padding += names * shard_padding * size
+        ranks.append(RankMemory(rank, params, grads, state, padding))
+    return MemoryReport(tuple(ranks))
+
+
+def _padding_in_range(bucket: FlatBucket, start: int, stop: int) -> int:
+    covered = sum(max(0, min(slot.end, stop) - max(slot.offset, start)) for slot in bucket.layout.slots)
+    return (stop - start) - covered

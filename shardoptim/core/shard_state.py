@@ -1,0 +1,84 @@
+"""``ShardState``: the optimizer state one rank keeps for its shard of one bucket.
+
+Per-element state (``exp_avg``, ...) is one flat tensor per name covering the shard. Per-parameter
+numbers are one small CPU tensor per name with an entry per slot of the bucket, in torch's scalar
+dtype (float32, or float64 when that is the default dtype), where torch keeps them: ``steps``, and
+the scalar state some algorithms declare (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``). Every
+rank keeps every slot's numbers (they are the same everywhere); ``state[p]`` exposes 0-D views of
+them, as torch's state holds 0-D tensors. Reading them never waits for a device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .layout import BucketLayout, Segment
+
+
+def scalar_dtype() -> torch.dtype:
+    """The dtype torch keeps ``step`` in: float64 when that is the default dtype, else float32."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class ShardState:
+    """Named flat state tensors for this rank's shard of a bucket, plus per-slot step counts and scalars."""
+
+    def __init__(self, layout: BucketLayout, rank: int) -> None:
+        self.layout = layout
+        self.numel = layout.shard_numel(rank)
+        self.tensors: dict[str, Tensor] = {}
+        self.steps = torch.zeros(len(layout.slots), dtype=scalar_dtype())
+        self.scalars: dict[str, Tensor] = {}
+
+    def allocate(self, initial: dict[str, float]) -> list[str]:
+        """Create the named tensors that do not exist yet, filled with their initial values; their names."""
+        created = [name for name in initial if name not in self.tensors]
+        for name in created:
+            self.tensors[name] = torch.full(
+                (self.numel,), self._fill(initial[name]), dtype=self.layout.dtype, device=self.layout.device
+            )
+        return created
+
+    def reset(self, segment: Segment | None, initial: dict[str, float]) -> None:
+        """Refill one parameter's part of the named tensors with their initial values."""
+        if segment is None:
+            return
+        for name, value in initial.items():
+            self.tensors[name][segment.start : segment.stop].fill_(self._fill(value))
+
+    def count_steps(self, positions: Sequence[int]) -> list[int]:
+        """Add one update to each of ``positions``; return their new step counts."""
+        if len(positions) == len(self.steps):
+            self.steps.add_(1)
+        else:
+            self.steps[list(positions)] += 1
+        counts = self.steps.tolist()
+        return [int(counts[position]) for position in positions]
+
+    def set_scalars(self, positions: Sequence[int], values: dict[str, Tensor | float]) -> None:
+        """Store per-slot scalars of ``positions``; each name is allocated on first use."""
+        for name, value in values.items():
+            tensor = self.scalars.get(name)
+            if tensor is None:
+                tensor = self.scalars[name] = torch.zeros_like(self.steps)
+            if len(positions) == len(self.steps):
+                tensor.fill_(value)
+            else:
+                tensor[list(positions)] = value
+
+    def scalars_at(self, position: int) -> dict[str, Tensor]:
+        """One slot's scalar state as 0-D tensors (views)."""
+        return {name: values[position] for name, values in self.scalars.items()}
+
+    def view(self, name: str, segment: Segment) -> Tensor:
+        """One parameter's part of a state tensor: shaped like the parameter when the rank owns all of it."""
+        part = self.tensors[name][segment.start : segment.stop]
+        slot = self.layout.slots[segment.slot]
+        return part.view(slot.shape) if segment.numel == slot.numel else part
+
+    def _fill(self, value: float) -> float | complex:
+        # torch starts a complex state at complex(v, v) for a real initial value v.
+        return complex(value, value) if self.layout.dtype.is_complex else value
