@@ -271,6 +271,7 @@ class LBFGS(Optimizer):
         comm.launch_reduce(total, "sum").wait()
         return total.item() / comm.world_size, self._vector.grad()
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
         """Up to ``max_iter`` L-BFGS iterations; returns the closure's first loss.

@@ -42,7 +42,7 @@ def update(p, g, s, h, c) -> None:
     if h.momentum != 0:
         buf = s.momentum_buffer
         if c.first_step:
-            buf.copy_(g)
+            buf.copy_(g.detach())  # as torch: the buffer starts outside the graph, even when differentiable
         else:
             buf.mul_(h.momentum).add_(g, alpha=1 - h.dampening)
         g = _direction(g, buf, h, c)
@@ -54,7 +54,7 @@ def sparse_update(p, g, s, h, c) -> None:
     plus ``g``, since a dense tensor cannot ``copy_`` a sparse one."""
     if h.momentum != 0 and c.first_step:
         g = gradient(p, g, h, c)
-        s.momentum_buffer.zero_().add_(g)
+        s.momentum_buffer.zero_().add_(g.detach())
         p.add_(_direction(g, s.momentum_buffer, h, c), alpha=-c.lr)
         return
     update(p, g, s, h, c)
@@ -65,6 +65,12 @@ def kernel(params, grads, states, steps, h, step) -> None:
         params, grads, states.get("momentum_buffer", []), weight_decay=h.weight_decay, momentum=h.momentum,
         lr=h.lr, dampening=h.dampening, nesterov=h.nesterov, maximize=h.maximize, is_first_step=step == 1,
     )
+
+
+def kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
+    # torch 2.13's CPU _fused_sgd_ leaves the vectorised part of float16/bfloat16 tensors unchanged
+    # (only the last len % 16 elements move): those buckets run foreach.
+    return not (device.type == "cpu" and dtype in (torch.float16, torch.bfloat16))
 
 
 RULE = UpdateRule(
@@ -82,6 +88,7 @@ RULE = UpdateRule(
     update=update,
     scalars=scalars,
     kernel=kernel,
+    kernel_works=kernel_works,
     step_in_state=False,
     sparse_update=sparse_update,
 )

@@ -138,6 +138,7 @@ class SparseAdam(Optimizer):
         self._grads_averaged = False
         super().zero_grad(set_to_none)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """Update every parameter that has a (sparse) gradient; returns ``closure()``'s value if given."""

@@ -139,8 +139,8 @@ class FlatBucket:
         grad = self.params[position].grad
         if grad is None:
             return False
-        if grad.is_sparse or self.grad_in_buffer(position):
-            return True
+        if grad.is_sparse or self.grad_in_buffer(position) or not self.holds_param(position):
+            return True  # (a parameter re-pointed elsewhere keeps its gradient until step() adopts it)
         if keep_large and self.keeps_large_grads and grad.numel() >= LARGE_GRAD_NUMEL and grad.is_contiguous():
             return True
         view = self.grad_view(position)

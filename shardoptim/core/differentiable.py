@@ -28,19 +28,34 @@ _SCALED = {
 
 
 def _unwrap(value: Any) -> Any:
-    return value.tensor if isinstance(value, Tracked) else value
+    return value.read() if isinstance(value, Tracked) else value
 
 
 class Tracked:
-    """A tensor whose ``alpha=``/``value=`` arguments may be tensors that require grad."""
+    """A tensor whose ``alpha=``/``value=`` arguments may be tensors that require grad, and whose
+    in-place methods keep every tensor autograd saved intact.
 
-    __slots__ = ("tensor",)
+    The parameter and the optimizer state (``copy_on_read``) are updated in place, as torch does, but
+    every other use of them reads a copy, so no graph saves a tensor that this step or the next
+    changes. Everything else (the gradient, and every
+    result) is a value: its in-place methods run out of place and rebind, since the update's
+    temporaries are often results that autograd saved (``sqrt()``'s output, say).
+    """
 
-    def __init__(self, tensor: Tensor) -> None:
+    __slots__ = ("tensor", "copy_on_read")
+
+    def __init__(self, tensor: Tensor, *, copy_on_read: bool = False) -> None:
         self.tensor = tensor
+        self.copy_on_read = copy_on_read
+
+    def read(self) -> Tensor:
+        return self.tensor.clone() if self.copy_on_read else self.tensor
 
     def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self.tensor, name)
+        mutating = name.endswith("_") and not name.endswith("__")
+        out_of_place = mutating and not self.copy_on_read and hasattr(self.tensor, name[:-1])
+        target = self.tensor if mutating else self.read()
+        attribute = getattr(target, name[:-1] if out_of_place else name)
         if not callable(attribute):
             return attribute
 
@@ -52,15 +67,20 @@ class Tracked:
                 keyword, operand = scaled
                 args[operand] = args[operand] * kwargs.pop(keyword)
             result = attribute(*args, **kwargs)
-            return self if result is self.tensor else Tracked(result) if isinstance(result, Tensor) else result
+            if out_of_place:
+                self.tensor = result
+                return self
+            if result is self.tensor:
+                return self
+            return Tracked(result) if isinstance(result, Tensor) else result
 
         return call
 
     def _binary(self, op: Callable[[Any, Any], Any], other: Any) -> Tracked:
-        return Tracked(op(self.tensor, _unwrap(other)))
+        return Tracked(op(self.read(), _unwrap(other)))
 
     def __neg__(self) -> Tracked:
-        return Tracked(-self.tensor)
+        return Tracked(-self.read())
 
     def __add__(self, other: Any) -> Tracked:
         return self._binary(lambda a, b: a + b, other)
@@ -120,12 +140,12 @@ def step_parameter(rule: UpdateRule, group: dict[str, Any], param: Tensor, entry
         before = {name: entry[name] for name in names}
         after = rule.scalar_state(h, step, **before)
         for name, value in after.items():
-            entry[name] = torch.as_tensor(value, dtype=scalar_dtype())
+            entry[name] = value if isinstance(value, Tensor) else torch.tensor(value, dtype=scalar_dtype())
         c = rule.scalars(h, step, before=before, after=after)
     p, g = param, param.grad
     states = {name: entry[name] for name in rule.state(h)}
     if param.is_complex():
         p, g = torch.view_as_real(p), torch.view_as_real(g)
         states = {name: torch.view_as_real(t) for name, t in states.items()}
-    s = types.SimpleNamespace(**{name: Tracked(t) for name, t in states.items()})
-    rule.update(Tracked(p), Tracked(g), s, h, c)
+    s = types.SimpleNamespace(**{name: Tracked(t, copy_on_read=True) for name, t in states.items()})
+    rule.update(Tracked(p, copy_on_read=True), Tracked(g), s, h, c)

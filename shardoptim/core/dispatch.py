@@ -43,9 +43,18 @@ def check_flags(group: Mapping[str, Any]) -> None:
         raise ValueError("capturable=True is not supported by shardoptim: use torch.optim for CUDA graphs")
 
 
-def choose_implementation(group: Mapping[str, Any], device: torch.device, rule: UpdateRule) -> Implementation:
-    """``fused=True`` -> fused; ``foreach=True`` -> foreach; ``foreach=False`` -> for-loop; else the fastest."""
-    fused = Implementation.FUSED if rule.kernel is not None else Implementation.COMPILED
+def choose_implementation(
+    group: Mapping[str, Any], device: torch.device, dtype: torch.dtype, rule: UpdateRule
+) -> Implementation:
+    """``fused=True`` -> fused; ``foreach=True`` -> foreach; ``foreach=False`` -> for-loop; else the fastest.
+
+    Fused is torch's kernel where the rule has one that works for ``device`` and ``dtype``; where it
+    has none, the update compiled; where its kernel is known not to work, foreach.
+    """
+    if rule.kernel is None:
+        fused = Implementation.COMPILED
+    else:
+        fused = Implementation.FUSED if rule.kernel_works(device, dtype) else Implementation.FOREACH
     if group.get("fused"):
         if device.type not in FUSED_DEVICES:
             raise RuntimeError(

@@ -26,7 +26,9 @@ from .layout import BucketLayout, ParamSpec, plan_buckets
 from .memory import MemoryReport, memory_report
 from .rule import HyperParams, UpdateRule
 from .shard_state import ShardState
-from .state_dicts import load_bucketed_state, load_per_parameter_state, read_shard_state, shard_state
+from .state_dicts import (
+    load_bucketed_state, load_per_parameter_state, merged_group, read_shard_state, shard_state,
+)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -223,6 +225,9 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- step -----------------------------------------------------------------------------------
 
+    # torch.compile(opt.step), torch's recipe for fusing an optimizer, runs this as it is: the update is
+    # already one fused or compiled kernel per bucket, and the bookkeeping around it is not graph code.
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient; returns ``closure()``'s value if given."""
         loss = None
@@ -268,7 +273,7 @@ class Optimizer(torch.optim.Optimizer):
             sparse = set()  # GradSync densified them into flat_grad to average them: the dense update applies
         h = HyperParams.of(group)
         initial = rule.state(h)
-        implementation = choose_implementation(group, bucket.layout.device, rule)
+        implementation = choose_implementation(group, bucket.layout.device, bucket.layout.dtype, rule)
         for members in _rounds(positions, bucket.repeats):
             for (step, before, after), kind in self._advance_state(bucket, members, h, initial).items():
                 c = rule.scalars(h, step) if rule.scalar_state is None else rule.scalars(
@@ -584,9 +589,7 @@ class Optimizer(torch.optim.Optimizer):
                     f"optimizer's group: group {i} has {len(saved['params'])} saved parameters, "
                     f"{len(group['params'])} here"
                 )
-            merged = {**copy.deepcopy({k: v for k, v in saved.items() if k != "params"}), "params": group["params"]}
-            if "param_names" in group and "param_names" not in saved:
-                merged["param_names"] = group["param_names"]
+            merged = merged_group(group, saved)
             self._check_group(merged)
             merged_groups.append(merged)
         bucketed = self._state_in_buckets()
@@ -659,7 +662,7 @@ class Optimizer(torch.optim.Optimizer):
             self, groups, state["defaults"], process_group=state["process_group"],
             reduce_grads=state["reduce_grads"], sharding=state["sharding"],
         )
-        read_shard_state(self, state["shard_state"], same_rank_only=False)
+        read_shard_state(self, state["shard_state"])
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Optimizer:
         group = self._process_group

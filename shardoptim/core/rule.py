@@ -43,6 +43,10 @@ def _no_scalars(h: HyperParams, step: int, **scalar_state: float) -> types.Simpl
     return types.SimpleNamespace()
 
 
+def _everywhere(device: torch.device, dtype: torch.dtype) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class UpdateRule:
     """Everything the base optimizer needs to run one elementwise algorithm on flat buckets.
@@ -58,7 +62,8 @@ class UpdateRule:
     ``state(h)`` names the per-element state tensors and the value each starts at. ``kernel``, when
     given, is torch's fused kernel taking lists: ``kernel(params, grads, states, steps, h, step)``
     with ``states`` mapping each state name to a list and ``steps`` holding 0-D step tensors already
-    incremented; a rule without one runs its ``update`` compiled when fused.
+    incremented; a rule without one runs its ``update`` compiled when fused. ``kernel_works(device,
+    dtype)`` says where the kernel may be used (elsewhere the update runs foreach).
 
     ``scalar_state``, when given, declares per-parameter scalars that torch keeps as 0-D state tensors
     next to ``step`` (ASGD's ``eta`` and ``mu``, NAdam's ``mu_product``), held in torch's scalar dtype
@@ -78,6 +83,7 @@ class UpdateRule:
     update: Callable[..., None]
     scalars: Callable[..., types.SimpleNamespace] = _no_scalars
     kernel: Callable[..., None] | None = None
+    kernel_works: Callable[[torch.device, torch.dtype], bool] = _everywhere
     #: torch keeps a per-parameter ``step`` tensor in this algorithm's state.
     step_in_state: bool = True
     scalar_state: Callable[..., dict[str, Any]] | None = None

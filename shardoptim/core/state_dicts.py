@@ -8,6 +8,7 @@ copied out when they overlap other buffers) and only then are buffers reset and 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,15 @@ def index_of_params(param_groups: Sequence[Mapping[str, Any]]) -> dict[int, int]
         for group, packed in zip(param_groups, pack_groups(param_groups))
         for param, index in zip(group["params"], packed["params"])
     }
+
+
+def merged_group(group: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A live param group with a saved one's hyper-parameters (copied); the live group's parameters,
+    and its values for whatever the saved group lacks (a state dict of an older torch misses flags
+    added since: ``maximize``, ``foreach``, ...)."""
+    merged = {**group, **copy.deepcopy({key: value for key, value in saved.items() if key != "params"})}
+    merged["params"] = group["params"]
+    return merged
 
 
 def cast_like(param: Tensor, value: Any, key: Any = None) -> Any:
@@ -244,9 +254,7 @@ def read_shard_state(opt: Optimizer, state: Mapping[str, Any]) -> None:
         raise ValueError("shard state's param groups do not match this optimizer's")
     merged = []
     for group, saved in zip(opt.param_groups, saved_groups):
-        candidate = {**{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
-        if "param_names" in group and "param_names" not in saved:
-            candidate["param_names"] = group["param_names"]
+        candidate = merged_group(group, saved)
         opt._check_group(candidate)
         merged.append(candidate)
     bucketed = opt._state_in_buckets()

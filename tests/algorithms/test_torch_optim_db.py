@@ -25,6 +25,11 @@ import torch
 import torch._dynamo
 from torch.testing._internal.common_optimizers import ErrorOptimizerInput, OptimizerErrorEnum, OptimizerInfo, optim_db
 
+# Importing torch's test harness freezes torch.backends flags for the whole process (its own suite
+# wants that); the other tests here run real clients that set them (Lightning sets cudnn.benchmark).
+# torch.backends keeps that switch in the globals of its own functions.
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
 import shardoptim
 from tests.algorithms.cases import BY_NAME, OUR_FLAGS
 from tests.oracle import (
@@ -32,7 +37,11 @@ from tests.oracle import (
 )
 
 DEVICE = "cpu"
-ALGORITHM_NAMES = [name for name in shardoptim.__all__ if name != "Optimizer"]
+ALGORITHM_NAMES = [
+    name for name in shardoptim.__all__
+    if isinstance(getattr(shardoptim, name), type) and issubclass(getattr(shardoptim, name), shardoptim.Optimizer)
+    and name != "Optimizer"
+]
 #: torch's table entries for the algorithms we provide, by name (optim_db also lists Adafactor and Muon).
 INFOS: dict[str, OptimizerInfo] = {
     info.optim_cls.__name__: info for info in optim_db if info.optim_cls.__name__ in ALGORITHM_NAMES

@@ -25,6 +25,7 @@ BUCKET_SHAPES = (((5, 3), (7,), ()), ((4, 4), (9,)))
 class FakeBucket:
     flat_param: Tensor
     shard_param: Tensor
+    is_sharded: bool
 
 
 class FakeOptimizer:
@@ -50,7 +51,7 @@ class FakeOptimizer:
                 offset += numel
             size = padded // world_size
             shard = flat if rank is None else flat[rank * size : (rank + 1) * size]
-            self.buckets.append(FakeBucket(flat, shard))
+            self.buckets.append(FakeBucket(flat, shard, world_size > 1 and rank is not None))
 
     def fake_step(self, gen: torch.Generator) -> None:
         """Move every parameter (the padding stays zero), as an optimizer step would."""
