@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -81,6 +82,12 @@ class Config:
     """off: no process group for the optimizer (every rank keeps all state; DDP must average)."""
     threads: int = 1
     """torch threads per rank."""
+    shard_grads: str = "off"
+    """on: ZeRO-2, each rank keeps only its shard of the averaged gradients (ShardingConfig.shard_grads)."""
+    overlap: str = "off"
+    """on: average each bucket's gradients during backward (ShardingConfig.overlap_grad_reduce)."""
+    grad_accum: int = 1
+    """Micro-batches per step, all but the last inside optimizer.no_sync() (or DDP's no_sync())."""
     seed: int = 0
     """Seed of the model, the generated text and the batches."""
     log_every: int = 25
@@ -192,7 +199,8 @@ def build_model(vocab: int, config: Config, device: torch.device) -> CharTransfo
 
 def build_optimizer(model: nn.Module, config: Config, process_group: dist.ProcessGroup | None,
                     *, reduce_grads: bool) -> shardoptim.Optimizer:
-    """``config.optimizer`` over two groups: weight decay for matrices, none for vectors."""
+    """``config.optimizer`` over two groups: weight decay for matrices, none for vectors; the
+    sharding options of ``config``."""
     cls = getattr(shardoptim, config.optimizer)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
@@ -200,7 +208,8 @@ def build_optimizer(model: nn.Module, config: Config, process_group: dist.Proces
     groups: list[dict] = [{"params": matrices}, {"params": vectors}]
     if "weight_decay" in cls.__init__.__code__.co_varnames:
         groups[0]["weight_decay"], groups[1]["weight_decay"] = config.weight_decay, 0.0
-    return cls(groups, **kwargs, process_group=process_group, reduce_grads=reduce_grads)
+    sharding = shardoptim.ShardingConfig(shard_grads=config.shard_grads == "on", overlap_grad_reduce=config.overlap == "on")
+    return cls(groups, **kwargs, process_group=process_group, reduce_grads=reduce_grads, sharding=sharding)
 
 
 def build_scheduler(opt: shardoptim.Optimizer, config: Config) -> shardoptim.sched.LRScheduler:
@@ -267,11 +276,15 @@ def train(config: Config) -> list[float]:
         losses: list[float] = []
         window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, steps
         started = last = time.perf_counter()
+        log(f"optimizer memory per rank (bytes):\n{opt.memory_report()}", flush=True)
         for step in range(config.steps):
-            inputs, targets = data.batch(config.batch_size, config.seq_len, gen, device)
-            logits = trained(inputs)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-            loss.backward()
+            for micro in range(config.grad_accum):
+                inputs, targets = data.batch(config.batch_size, config.seq_len, gen, device)
+                quiet = micro < config.grad_accum - 1
+                with (trained.no_sync() if use_ddp else opt.no_sync()) if quiet else contextlib.nullcontext():
+                    logits = trained(inputs)
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+                    (loss / config.grad_accum).backward()
             if config.clip > 0:
                 opt.clip_grad_norm_(config.clip)
             opt.step()
@@ -307,11 +320,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     docs = _field_docs()
     for field in dataclasses.fields(Config):
-        choices = {"backend": ["auto", "gloo", "nccl"], "ddp": ["on", "off"], "sharded": ["on", "off"],
-                   "optimizer": [n for n in shardoptim.__all__ if n not in ("Optimizer", "LBFGS", "SparseAdam")]}.get(field.name)
+        on_off = ["on", "off"]
+        choices = {"backend": ["auto", "gloo", "nccl"], "ddp": on_off, "sharded": on_off, "shard_grads": on_off,
+                   "overlap": on_off, "optimizer": _trainable_algorithms()}.get(field.name)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
                             choices=choices, help=docs.get(field.name, ""))
     return Config(**vars(parser.parse_args(argv)))
+
+
+def _trainable_algorithms() -> list[str]:
+    """shardoptim's optimizers this loop can drive (LBFGS needs a closure, SparseAdam sparse gradients)."""
+    return [
+        name for name in shardoptim.__all__
+        if isinstance(getattr(shardoptim, name), type) and issubclass(getattr(shardoptim, name), shardoptim.Optimizer)
+        and name not in ("Optimizer", "LBFGS", "SparseAdam")
+    ]
 
 
 def _field_docs() -> dict[str, str]:
