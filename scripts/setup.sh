@@ -20,7 +20,7 @@ if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
 fi
 # The test and clients extras, with the installed torch as a constraint: lightning, transformers and
 # accelerate require torch open-ended, and pip must not replace the build installed above.
-if ! "$VENV_PY" -c "import shardoptim, safetensors, fsspec, numpy, pytest, expecttest, s3fs, moto, lightning, transformers, accelerate" 2>/dev/null; then
+if ! "$VENV_PY" -c "import shardoptim, safetensors, fsspec, numpy, pytest, expecttest, hypothesis, s3fs, moto, lightning, transformers, accelerate" 2>/dev/null; then
   "$VENV_PY" -m pip install --quiet --disable-pip-version-check \
     -c <("$VENV_PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])") -e ".[test,clients]"
 fi
