@@ -60,6 +60,9 @@ class FlatBucket:
         #: Extra updates per step of a parameter listed more than once in its group (torch updates it
         #: once per listing), by position.
         self.repeats: dict[int, int] = {}
+        #: Positions whose gradient ``take_grads`` last found sparse, or kept where autograd put it.
+        self.sparse_positions: set[int] = set()
+        self.kept_positions: set[int] = set()
         self.shard_grads = shard_grads and layout.is_sharded
         self.on_grad_ready = on_grad_ready
         self.on_grad_arriving = on_grad_arriving
@@ -69,6 +72,7 @@ class FlatBucket:
         self.flat_grad: Tensor | None = None
         self._grad_views: list[Tensor] = []
         self._gaps = _gaps(layout)
+        self._param_ptrs = [0] * len(self.params)
         with torch.no_grad():
             for position, param in enumerate(self.params):
                 self.adopt_param(position)
@@ -95,6 +99,14 @@ class FlatBucket:
         with torch.no_grad():
             self.flat_param[slot.offset : slot.end].copy_(param.detach().reshape(-1))
             param.data = alias(self.flat_param, slot.offset, slot.shape)
+        self._param_ptrs[position] = param.data_ptr()
+
+    def moved_params(self) -> list[int]:
+        """Positions of the parameters that something re-pointed since (``p.data = ...``, ``.to(...)``)."""
+        return [
+            position for position, (param, ptr) in enumerate(zip(self.params, self._param_ptrs))
+            if param.data_ptr() != ptr
+        ]
 
     def holds_param(self, position: int) -> bool:
         """Whether the parameter still reads its range of ``flat_param`` (nothing re-pointed it since)."""
@@ -155,8 +167,28 @@ class FlatBucket:
         with torch.no_grad():
             view.zero_().add_(self.params[position].grad)
 
+    def take_grads(self, *, keep_large: bool = False) -> list[int]:
+        """``take_grad`` for every parameter; the positions that have a gradient (this is per step:
+        gradients already in ``flat_grad``, the usual case, are found without a call per parameter)."""
+        views = self._grad_views or [None] * len(self.params)
+        present, sparse, kept = [], set(), set()
+        for position, (param, view) in enumerate(zip(self.params, views)):
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad is not view:
+                if grad.is_sparse:
+                    sparse.add(position)
+                elif self.take_grad(position, keep_large=keep_large) and param.grad is not self._grad_views[position]:
+                    kept.add(position)
+            present.append(position)
+        self.sparse_positions, self.kept_positions = sparse, kept
+        return present
+
     def zero_grads_except(self, positions: Sequence[int]) -> None:
         """Zero the ``flat_grad`` ranges of every parameter not in ``positions`` (they may hold old values)."""
+        if len(positions) == len(self.params):
+            return
         present = set(positions)
         with torch.no_grad():
             for position in range(len(self.params)):

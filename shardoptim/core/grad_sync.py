@@ -187,8 +187,7 @@ class GradSync:
         return self._indices[id(bucket)]
 
     def _take_grads(self, bucket: FlatBucket) -> list[int]:
-        keep_large = not bucket.is_sharded
-        return [position for position in range(len(bucket.params)) if bucket.take_grad(position, keep_large=keep_large)]
+        return bucket.take_grads(keep_large=not bucket.is_sharded)
 
     def _agree(self, local: list[list[int]]) -> list[list[int]]:
         """One all-reduce (max) of a flag per parameter: the positions with a gradient on any rank."""
@@ -218,9 +217,8 @@ class GradSync:
         present = self._present.get(index)
         if present is None:
             present = self._present[index] = self._take_grads(bucket)
-        for position in present:
-            if bucket.params[position].grad.is_sparse:
-                bucket.densify_grad(position)
+        for position in bucket.sparse_positions:
+            bucket.densify_grad(position)
         bucket.zero_grads_except(present)
         self._in_flight[index] = self._comm.launch_average(bucket.grad_buffer(), bucket.shard_grad)
 

@@ -266,7 +266,7 @@ class Optimizer(torch.optim.Optimizer):
         """Phase 3 for one bucket: its state advanced, then the update run over the shard's pieces."""
         bucket, rule = self._buckets[index], self.rule
         group = self.param_groups[bucket.layout.group]
-        sparse = {p for p in positions if bucket.params[p].grad is not None and bucket.params[p].grad.is_sparse}
+        sparse = bucket.sparse_positions.intersection(positions)
         if sparse and rule.sparse_update is None:
             raise RuntimeError(rule.sparse_error)
         if bucket.is_sharded:
@@ -291,7 +291,7 @@ class Optimizer(torch.optim.Optimizer):
         """One update call over the pieces of the shard that ``members`` cover."""
         if not members:
             return
-        elsewhere = [p for p in members if bucket.grad_elsewhere(p) is not None]
+        elsewhere = [p for p in members if p in bucket.kept_positions] if bucket.kept_positions else []
         if elsewhere and implementation is Implementation.FUSED:
             pieces = bucket.runs(members)
         else:
@@ -338,21 +338,23 @@ class Optimizer(torch.optim.Optimizer):
         """
         state = bucket.state
         created = state.allocate(initial)
+        steps = state.count_steps(positions)
+        starting = [position for position, step in zip(positions, steps) if step == 1]
         carried = {name: value for name, value in initial.items() if name not in created}
         if carried:
+            for position in starting:
+                state.reset(bucket.segment_of(position), carried)
+        if self.rule.scalar_state is None and steps[0] == steps[-1] and len(set(steps)) == 1:
+            kinds = {(steps[0], (), ()): positions}  # the usual step: one kind, one update call
+        else:
+            kinds = defaultdict(list)
+            for position, kind in zip(positions, self._advance_scalar_state(state, positions, steps, h)):
+                kinds[kind].append(position)
+        if created:
             counts = state.steps.tolist()
-            for position in positions:
-                if counts[position] == 0:
-                    state.reset(bucket.segment_of(position), carried)
-        steps = state.count_steps(positions)
-        kinds: dict[tuple[int, tuple, tuple], list[int]] = defaultdict(list)
-        for position, (step, before, after) in zip(positions, self._advance_scalar_state(state, positions, steps, h)):
-            kinds[step, before, after].append(position)
-        exposed = range(len(bucket.params)) if created else positions
-        counts = state.steps.tolist()
-        for position in exposed:
-            if counts[position] == 1 or (created and counts[position] > 0):
-                self._expose_state(bucket, position, initial)
+            starting = [position for position in range(len(bucket.params)) if counts[position] > 0]
+        for position in starting:
+            self._expose_state(bucket, position, initial)
         return kinds
 
     def _advance_scalar_state(
@@ -416,10 +418,8 @@ class Optimizer(torch.optim.Optimizer):
         changed_groups = set()
         for bucket in self._buckets:
             layout = bucket.layout
-            for position, param in enumerate(bucket.params):
-                if bucket.holds_param(position):
-                    continue
-                slot = layout.slots[position]
+            for position in bucket.moved_params():
+                param, slot = bucket.params[position], layout.slots[position]
                 if (param.dtype, param.device, tuple(param.shape)) == (layout.dtype, layout.device, slot.shape):
                     bucket.adopt_param(position)
                     continue
@@ -707,5 +707,7 @@ def _unique(params: Iterable[Tensor]) -> list[Tensor]:
 def _rounds(positions: list[int], repeats: dict[int, int]) -> Iterator[list[int]]:
     """The positions to update, then again those listed more than once in their group, per extra listing."""
     yield positions
+    if not repeats:
+        return
     for round_ in range(1, 1 + max((repeats.get(p, 0) for p in positions), default=0)):
         yield [p for p in positions if repeats.get(p, 0) >= round_]
