@@ -81,6 +81,7 @@ class Adagrad(Optimizer):
     """
 
     rule = RULE
+    state_at_construction = True
 
     def __init__(
         self,
@@ -101,21 +102,6 @@ class Adagrad(Optimizer):
     ) -> None:
         defaults, runtime = split_arguments(locals())
         super().__init__(params, defaults, **runtime)
-
-    def _after_construction(self) -> None:
-        self._expose_initial_state()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._expose_initial_state()
-
-    def _expose_initial_state(self) -> None:
-        for bucket in self.buckets:
-            initial = RULE.state(HyperParams.of(self.param_groups[bucket.layout.group]))
-            bucket.state.allocate(initial)
-            for position, param in enumerate(bucket.params):
-                if param not in self.state:
-                    self._expose_state(bucket, position, initial)
 
     def share_memory(self) -> None:
         """Move the ``sum`` state to shared memory, as ``torch.optim.Adagrad.share_memory`` does."""

@@ -127,6 +127,7 @@ class SparseAdam(Optimizer):
         return ()
 
     def _after_construction(self) -> None:
+        super()._after_construction()
         self._grads_averaged = False  # by clip_grad_norm_, for the step to come
 
     def _prepare_unbucketed_grads(self) -> None:

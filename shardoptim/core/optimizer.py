@@ -71,6 +71,9 @@ class Optimizer(torch.optim.Optimizer):
     #: False for algorithms that need whole tensors (LBFGS, SparseAdam): with a process group they run
     #: replicated, every rank averaging the gradients and applying the same update.
     shardable: ClassVar[bool] = True
+    #: torch creates this algorithm's state in the constructor, not at a parameter's first update
+    #: (Adagrad): ``state`` then shows step 0 and the initial values from the start, and after loads.
+    state_at_construction: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -107,11 +110,29 @@ class Optimizer(torch.optim.Optimizer):
 
     def _after_construction(self) -> None:
         """Called once the groups are in place (also after unpickling); algorithms may add to it."""
+        self._expose_initial_state()
+
+    def _expose_initial_state(self) -> None:
+        """With ``state_at_construction``: every parameter without state gets its initial state."""
+        if not self.state_at_construction:
+            return
+        for bucket in self._buckets:
+            initial = self.rule.state(HyperParams.of(self.param_groups[bucket.layout.group]))
+            bucket.state.allocate(initial)
+            for position, param in enumerate(bucket.params):
+                if param not in self.state:
+                    self._expose_state(bucket, position, initial)
 
     @property
     def buckets(self) -> tuple[FlatBucket, ...]:
         """The flat buckets, in the order of param groups."""
         return tuple(self._buckets)
+
+    @property
+    def comm(self) -> Comm:
+        """The collectives of this optimizer's ranks (``LocalComm`` without a process group): what
+        checkpoints and other collective helpers use to agree with the other ranks."""
+        return self._comm
 
     @property
     def reduce_grads(self) -> bool:
@@ -600,6 +621,7 @@ class Optimizer(torch.optim.Optimizer):
             group.update(merged)
         self.state = defaultdict(dict, per_parameter)
         apply_buckets()
+        self._expose_initial_state()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 

@@ -225,6 +225,11 @@ def shard_state(opt: Optimizer) -> dict[str, Any]:
 
 def read_shard_state(opt: Optimizer, state: Mapping[str, Any]) -> None:
     """``Optimizer.load_shard_state_dict()``: see there."""
+    check_shard_state(opt, state)()
+
+
+def check_shard_state(opt: Optimizer, state: Mapping[str, Any]) -> Callable[[], None]:
+    """Check a shard state against ``opt`` (raising what loading it would); return what loads it."""
     name = type(opt).__name__
     if state.get("algorithm") != name:
         raise ValueError(f"shard state of {state.get('algorithm')!r} cannot be loaded into {name}")
@@ -262,20 +267,24 @@ def read_shard_state(opt: Optimizer, state: Mapping[str, Any]) -> None:
         merged, [{"params": g["params"]} for g in saved_groups], state.get("per_parameter", {}), bucketed
     )
 
-    for group, candidate in zip(opt.param_groups, merged):
-        group.clear()
-        group.update(candidate)
-    opt.state.clear()
-    opt.state.update(per_parameter)
-    for saved, bucket in zip(buckets, opt.buckets):
-        for tensor_name, tensor in saved["state"].items():
-            bucket.state.allocate({tensor_name: 0.0})
-            bucket.state.tensors[tensor_name].copy_(tensor.reshape(-1))
-        dtype = bucket.state.steps.dtype
-        bucket.state.steps.copy_(torch.tensor(saved["steps"], dtype=dtype))
-        bucket.state.scalars = {key: torch.tensor(values, dtype=dtype) for key, values in saved["scalars"].items()}
-        if opt.rule is not None:
-            initial = opt.rule.state(HyperParams.of(opt.param_groups[bucket.layout.group]))
-            for position, steps in enumerate(saved["steps"]):
-                if steps > 0:
-                    opt._expose_state(bucket, position, initial)
+    def apply() -> None:
+        for group, candidate in zip(opt.param_groups, merged):
+            group.clear()
+            group.update(candidate)
+        opt.state.clear()
+        opt.state.update(per_parameter)
+        for saved, bucket in zip(buckets, opt.buckets):
+            for tensor_name, tensor in saved["state"].items():
+                bucket.state.allocate({tensor_name: 0.0})
+                bucket.state.tensors[tensor_name].copy_(tensor.reshape(-1))
+            dtype = bucket.state.steps.dtype
+            bucket.state.steps.copy_(torch.tensor(saved["steps"], dtype=dtype))
+            bucket.state.scalars = {key: torch.tensor(values, dtype=dtype) for key, values in saved["scalars"].items()}
+            if opt.rule is not None:
+                initial = opt.rule.state(HyperParams.of(opt.param_groups[bucket.layout.group]))
+                for position, steps in enumerate(saved["steps"]):
+                    if steps > 0:
+                        opt._expose_state(bucket, position, initial)
+        opt._expose_initial_state()
+
+    return apply

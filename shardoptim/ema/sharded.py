@@ -169,6 +169,15 @@ class ShardedEMA:
         ``shard_param``; values are copied (cast to the shard's dtype and device). ``warmup`` is
         optional and keeps its current value when absent.
         """
+        self.check_state_dict(state_dict)
+        for average, saved in zip(self._shards, state_dict["shards"]):
+            average.copy_(saved.reshape(-1))
+        self.decay = float(state_dict["decay"])
+        self.num_updates = int(state_dict["num_updates"])
+        self.warmup = bool(state_dict.get("warmup", self.warmup))
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raise what ``load_state_dict(state_dict)`` would raise; change nothing."""
         if self._swapped:
             raise RuntimeError("ShardedEMA.load_state_dict() called while the averaged weights are swapped in")
         for key in ("decay", "num_updates", "shards"):
@@ -181,11 +190,6 @@ class ShardedEMA:
         if not isinstance(num_updates, numbers.Integral) or isinstance(num_updates, bool) or num_updates < 0:
             raise ValueError(f"num_updates must be an int >= 0, got {num_updates!r}")
         _check_shards(shards, self._shards)
-        for average, saved in zip(self._shards, shards):
-            average.copy_(saved.reshape(-1))
-        self.decay = float(decay)
-        self.num_updates = int(num_updates)
-        self.warmup = bool(state_dict.get("warmup", self.warmup))
 
     def __repr__(self) -> str:
         elements = sum(shard.numel() for shard in self._shards)

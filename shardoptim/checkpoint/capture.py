@@ -1,0 +1,201 @@
+"""What one rank contributes to a checkpoint: the tensors of its file, the shared tensors, JSON data.
+
+Nothing is gathered: each rank takes its own shards of every sharded bucket (the optimizer's state
+tensors, its flat parameters, a ``ShardedEMA``'s averages) from the optimizer's
+``shard_state_dict()``; tensors every rank holds whole (buckets of a replicated optimizer,
+per-parameter state, the model's buffers and parameters outside the optimizer, an
+``AveragedModel``) are taken by rank 0 alone. Tensors are the live ones (views, no copies) until
+``Snapshot.on_host()`` copies them for a save that runs in the background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Optimizer
+from ..core.state_dicts import index_of_params, pack_groups
+from ..ema import AveragedModel, ShardedEMA
+from ..sched.state import to_plain
+from .manifest import state_key
+from .rng import capture_rng
+
+#: The marker of a tensor inside JSON data (per-parameter optimizer state): the key of the tensor.
+TENSOR = "$tensor"
+
+
+@dataclass
+class Snapshot:
+    """One rank's part of a save: ``shard`` goes to its file, ``shared`` (rank 0 only) to the shared
+    file, ``manifest`` (rank 0's is used) and ``rng`` (this rank's) to the manifest."""
+
+    rank: int
+    world_size: int
+    shard: dict[str, Tensor] = field(default_factory=dict)
+    shared: dict[str, Tensor] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+
+    def on_host(self) -> Snapshot:
+        """The same snapshot with every tensor copied to CPU memory (pinned when from CUDA), so
+        training can go on changing the live ones while this is written."""
+        return replace(self, shard=_copied(self.shard), shared=_copied(self.shared))
+
+
+def _copied(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    copies = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach()
+        if tensor.device.type == "cuda":
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            copies[name] = host.copy_(tensor, non_blocking=True)
+        else:
+            copies[name] = tensor.clone()
+    if any(t.device.type == "cuda" for t in tensors.values()):
+        torch.cuda.synchronize()
+    return copies
+
+
+def storable(tensor: Tensor) -> Tensor:
+    """A tensor as a checkpoint file holds it: complex ones as their real view (pairs of reals)."""
+    tensor = tensor.detach()
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def capture(
+    *,
+    rank: int,
+    world_size: int,
+    model: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    schedulers: Sequence[Any],
+    ema: ShardedEMA | AveragedModel | None,
+    extra: Any,
+) -> Snapshot:
+    """Everything ``save`` writes for this rank, as live tensors and JSON data."""
+    snapshot = Snapshot(rank, world_size)
+    flat_params: dict[int, int] = {}  # id(param) -> index, for parameters saved in the buckets
+    if optimizer is not None:
+        flat_params = _capture_optimizer(snapshot, optimizer)
+    if model is not None:
+        snapshot.manifest["model"] = _capture_model(snapshot, model, flat_params)
+    snapshot.manifest["params"] = _param_table(optimizer, model)
+    snapshot.manifest["schedulers"] = [to_plain(scheduler.state_dict()) for scheduler in schedulers]
+    if ema is not None:
+        snapshot.manifest["ema"] = _capture_ema(snapshot, ema, optimizer)
+    snapshot.manifest["extra"] = extra
+    tensors, snapshot.rng = capture_rng()
+    snapshot.shard.update({f"r{rank}.rng.{name}": state for name, state in tensors.items()})
+    return snapshot
+
+
+def _writes(layout_world: int, rank: int) -> bool:
+    """Whether this rank writes its range of a bucket: every rank of a sharded one, rank 0 of a whole one."""
+    return layout_world > 1 or rank == 0
+
+
+def _capture_optimizer(snapshot: Snapshot, optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    rank = snapshot.rank
+    if not isinstance(optimizer, Optimizer):  # a torch.optim optimizer: its own per-parameter state
+        state = optimizer.state_dict()
+        snapshot.manifest["optimizer"] = {
+            "algorithm": type(optimizer).__name__, "torch": True, "param_groups": to_plain(state["param_groups"]),
+            "buckets": [], "per_parameter": _tensors_out(snapshot, state["state"], "perparam") if rank == 0 else {},
+        }
+        return {}
+    state = optimizer.shard_state_dict()
+    buckets = []
+    for position, (bucket, saved) in enumerate(zip(optimizer.buckets, state["buckets"])):
+        if _writes(bucket.layout.world_size, rank):
+            for name, tensor in saved["state"].items():
+                snapshot.shard[state_key(rank, position, name)] = storable(tensor)
+            snapshot.shard[state_key(rank, position, "param")] = storable(bucket.shard_param)
+        buckets.append({
+            "layout": saved["layout"], "steps": saved["steps"], "scalars": saved["scalars"],
+            "names": list(saved["state"]),
+        })
+    per_parameter = _tensors_out(snapshot, state["per_parameter"], "perparam") if rank == 0 else {}
+    snapshot.manifest["optimizer"] = {
+        "algorithm": state["algorithm"], "torch": False, "param_groups": to_plain(state["param_groups"]),
+        "buckets": buckets, "per_parameter": per_parameter,
+        # how the buckets were planned, so tools can plan them for another world size
+        "bucket_cap_numel": optimizer.sharding.bucket_cap_numel, "shardable": type(optimizer).shardable,
+    }
+    indices = index_of_params(optimizer.param_groups)
+    return {id(p): indices[id(p)] for bucket in optimizer.buckets for p in bucket.params}
+
+
+def _tensors_out(snapshot: Snapshot, value: Any, key: str) -> Any:
+    """``value`` as JSON data, its tensors moved into the shared file (each replaced by its key)."""
+    if isinstance(value, Tensor):
+        snapshot.shared[key] = storable(value)
+        return {TENSOR: key, "complex": value.is_complex()}
+    if isinstance(value, Mapping):
+        return {str(k): _tensors_out(snapshot, v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tensors_out(snapshot, v, f"{key}.{i}") for i, v in enumerate(value)]
+    return value
+
+
+def _capture_model(snapshot: Snapshot, model: nn.Module, flat_params: dict[int, int]) -> dict[str, Any]:
+    """Each ``state_dict()`` key of ``model``: a parameter the optimizer's buckets hold (saved with
+    them), the same tensor as an earlier key (tied weights), or a tensor of the shared file."""
+    entries: dict[str, Any] = {}
+    first_key: dict[int, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in flat_params:
+            entries[key] = {"param": flat_params[id(tensor)]}
+        elif id(tensor) in first_key:
+            entries[key] = {"same_as": first_key[id(tensor)]}
+        else:
+            first_key[id(tensor)] = key
+            entries[key] = {"tensor": f"model.{key}", "complex": tensor.is_complex()}
+            if snapshot.rank == 0:
+                snapshot.shared[f"model.{key}"] = storable(tensor)
+    return {"entries": entries}
+
+
+def _param_table(optimizer: torch.optim.Optimizer | None, model: nn.Module | None) -> list[dict[str, Any]]:
+    """The optimizer's parameters in torch's index order, named from ``param_names`` or the model."""
+    if optimizer is None:
+        return []
+    names_from_model = {}
+    if model is not None:
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            names_from_model.setdefault(id(tensor), key)
+    table, seen = [], set()
+    for group_index, (group, packed) in enumerate(zip(optimizer.param_groups, pack_groups(optimizer.param_groups))):
+        names = group.get("param_names")
+        for position, (param, index) in enumerate(zip(group["params"], packed["params"])):
+            if index in seen:
+                continue
+            seen.add(index)
+            name = names[position] if names is not None else names_from_model.get(id(param))
+            table.append({
+                "index": index, "group": group_index, "name": name, "shape": list(param.shape),
+                "dtype": str(param.dtype).removeprefix("torch."),
+            })
+    return table
+
+
+def _capture_ema(snapshot: Snapshot, ema: Any, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    if isinstance(ema, ShardedEMA):
+        state = ema.state_dict()
+        buckets = ema.optimizer.buckets
+        for position, (bucket, shard) in enumerate(zip(buckets, state["shards"])):
+            if _writes(bucket.layout.world_size, snapshot.rank):
+                snapshot.shard[state_key(snapshot.rank, position, "ema")] = storable(shard)
+        return {"kind": "sharded", "decay": state["decay"], "warmup": state["warmup"],
+                "num_updates": state["num_updates"]}
+    if isinstance(ema, (AveragedModel, torch.optim.swa_utils.AveragedModel)):
+        keys = []
+        for key, tensor in ema.state_dict().items():
+            keys.append(key)
+            if snapshot.rank == 0:
+                snapshot.shared[f"ema.{key}"] = storable(tensor)
+        return {"kind": "averaged_model", "keys": keys}
+    raise TypeError(f"ema must be a ShardedEMA or an AveragedModel, got {type(ema).__name__}")

@@ -1,0 +1,161 @@
+"""Reading a committed checkpoint: the manifest checked, every byte verified before it is used.
+
+``open_checkpoint(url)`` refuses a directory without a manifest (an incomplete save) and a manifest
+that does not fit the schema; its readers check each file against the size, header CRC and
+per-block CRCs the manifest recorded, so a flipped bit or a truncated file is refused naming the
+file and the tensor. Ranged reads fetch only the element ranges asked for: resharding reads, per
+rank, just what that rank will own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core import BucketLayout, owned_pieces
+from .capture import TENSOR
+from .errors import CheckpointError
+from .manifest import MANIFEST, Manifest, shard_file, shared_file, state_key
+from .storage import Storage
+from .tensorfile_reader import TensorFileReader
+
+_DTYPES = {name: getattr(torch, name) for name in (
+    "bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "bfloat16",
+    "float32", "float64", "complex64", "complex128",
+)}
+
+
+def dtype_named(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+class IncompleteCheckpointError(CheckpointError):
+    """A checkpoint directory whose save never committed (it has no manifest)."""
+
+
+@dataclass
+class SourceBucket:
+    """One bucket of the checkpoint's optimizer, as saved: its layout, counts and state names."""
+
+    layout: BucketLayout
+    steps: list[int]
+    scalars: dict[str, list[float]]
+    names: list[str]
+
+
+class Checkpoint:
+    """A committed checkpoint opened for reading; collective nowhere (each rank opens its own)."""
+
+    def __init__(self, storage: Storage, manifest: Manifest) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self._readers: dict[str, TensorFileReader] = {}
+        self.buckets = [_source_bucket(raw, position, storage.url) for position, raw in
+                        enumerate((manifest.optimizer or {}).get("buckets", []))]
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def reader(self, name: str) -> TensorFileReader:
+        """A reader of one of the checkpoint's files, checked against its record in the manifest."""
+        reader = self._readers.get(name)
+        if reader is None:
+            record = self.manifest.files.get(name)
+            if record is None:
+                raise CheckpointError(f"{self.url}: the manifest lists no file {name!r}")
+            reader = self._readers[name] = TensorFileReader(self.storage, name, expected=record)
+        return reader
+
+    def shard_reader(self, rank: int) -> TensorFileReader:
+        return self.reader(shard_file(rank, self.manifest.world_size, self.manifest.save_id))
+
+    def shared_reader(self) -> TensorFileReader:
+        return self.reader(shared_file(self.manifest.save_id))
+
+    def verify(self) -> None:
+        """Check every file against its digest (reads every byte); raise naming the first bad one."""
+        for name in self.manifest.files:
+            self.reader(name).verify()
+
+    # -- bucket data ----------------------------------------------------------------------------
+
+    def read_range(self, rank: int, bucket: int, name: str, start: int, stop: int) -> Tensor:
+        """Elements ``[start, stop)`` of rank ``rank``'s shard of one bucket's tensor ``name``
+        (``"param"``: the parameters; ``"ema"``: a sharded EMA), in the bucket's dtype."""
+        dtype = self.buckets[bucket].layout.dtype
+        scale = 2 if dtype.is_complex else 1  # stored as the real view
+        values = self.shard_reader(rank).read_range(state_key(rank, bucket, name), start * scale, stop * scale)
+        return torch.view_as_complex(values.view(-1, 2)) if dtype.is_complex else values
+
+    def read_parameter(self, index: int) -> Tensor:
+        """One of the optimizer's parameters, whole, from every rank's shard of its bucket."""
+        for position, bucket in enumerate(self.buckets):
+            slot = next((s for s in bucket.layout.slots if s.index == index), None)
+            if slot is None:
+                continue
+            whole = torch.empty(slot.numel, dtype=bucket.layout.dtype)
+            for rank in range(bucket.layout.world_size):
+                for piece in owned_pieces([bucket.layout], rank):
+                    if piece.index == index:
+                        whole[piece.param_start : piece.param_stop] = self.read_range(
+                            rank, position, "param", piece.start, piece.start + piece.numel
+                        )
+            return whole.view(slot.shape)
+        raise CheckpointError(f"{self.url}: parameter {index} is in none of the optimizer's buckets")
+
+    def read_shared(self, key: str, *, complex_: bool = False) -> Tensor:
+        values = self.shared_reader().read(key)
+        return torch.view_as_complex(values) if complex_ else values
+
+    def tensors_in(self, value: Any) -> Any:
+        """JSON data of per-parameter state with its tensors read back from the shared file."""
+        if isinstance(value, dict) and TENSOR in value:
+            return self.read_shared(value[TENSOR], complex_=bool(value.get("complex")))
+        if isinstance(value, dict):
+            return {key: self.tensors_in(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.tensors_in(item) for item in value]
+        return value
+
+
+def open_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:
+    """The committed checkpoint at ``url``: ``IncompleteCheckpointError`` without a manifest."""
+    storage = Storage(url, storage_options)
+    try:
+        data = storage.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        if storage.exists():
+            raise IncompleteCheckpointError(
+                f"{url}: not a complete checkpoint: it has no {MANIFEST} (the save was interrupted before "
+                "it committed, or is still running)"
+            ) from None
+        raise FileNotFoundError(f"no checkpoint at {url}") from None
+    return Checkpoint(storage, Manifest.from_bytes(data, source=storage.url_of(MANIFEST)))
+
+
+def _source_bucket(raw: Any, position: int, url: str) -> SourceBucket:
+    where = f"{url}: optimizer.buckets[{position}]"
+    if not isinstance(raw, dict) or not {"layout", "steps", "scalars", "names"} <= raw.keys():
+        raise CheckpointError(f"{where}: expected layout, steps, scalars and names")
+    try:
+        layout = BucketLayout.from_dict(raw["layout"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{where}: bad layout: {error}") from None
+    steps, scalars, names = raw["steps"], raw["scalars"], raw["names"]
+    count = len(layout.slots)
+    if not (isinstance(steps, list) and len(steps) == count and all(isinstance(s, int) and s >= 0 for s in steps)):
+        raise CheckpointError(f"{where}: steps must be {count} non-negative integers")
+    if not isinstance(scalars, dict) or any(not isinstance(v, list) or len(v) != count for v in scalars.values()):
+        raise CheckpointError(f"{where}: scalars must be lists of {count} numbers")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{where}: names must be a list of strings")
+    return SourceBucket(layout, steps, scalars, names)
+
+
+def layouts(buckets: Sequence[SourceBucket]) -> list[BucketLayout]:
+    return [bucket.layout for bucket in buckets]
