@@ -48,7 +48,10 @@ def _separate_storage(flat: Tensor, start: int, numel: int) -> Tensor | None:
         raw = flat.view(torch.uint8).numpy()[offset : offset + nbytes]
         return torch.from_numpy(raw).view(flat.dtype)
     if flat.device.type == "cuda":
-        return torch.as_tensor(_CudaBytes(flat, offset, nbytes), device=flat.device).view(flat.dtype)
+        try:
+            return torch.as_tensor(_CudaBytes(flat, offset, nbytes), device=flat.device).view(flat.dtype)
+        except (RuntimeError, TypeError, ValueError):
+            return None
     return None
 
 
@@ -62,8 +65,8 @@ def alias(flat: Tensor, start: int, shape: tuple[int, ...]) -> Tensor:
     if numel == 0:  # nothing to share: an empty tensor of its own
         return torch.empty(shape, dtype=flat.dtype, device=flat.device)
     separate = _separate_storage(flat, start, numel)
-    if separate is None:
-        separate = flat[start : start + numel]
+    if separate is None or separate.data_ptr() != flat.data_ptr() + start * flat.element_size():
+        separate = flat[start : start + numel]  # no aliasing storage here (or the interface copied)
     return separate.view(shape)
 
 
