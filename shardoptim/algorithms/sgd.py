@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..core import Check, HyperParams, Optimizer, ShardingConfig, UpdateRule
-from ..core.hparams import at_least_zero, learning_rate
+from ..core.hparams import learning_rate, not_negative
 from .blocks import gradient, split_arguments
 
 
@@ -74,13 +74,13 @@ def kernel_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 RULE = UpdateRule(
-    checks=(
-        *learning_rate(),
-        at_least_zero("momentum", "momentum value"),
-        at_least_zero("weight_decay", "weight_decay value"),
+    checks=(  # torch's SGD words its checks as "x < 0": NaN passes them
+        *learning_rate(nan_passes=True),
+        not_negative("momentum", "momentum value"),
+        not_negative("weight_decay", "weight_decay value"),
         Check(
             None,
-            lambda group: not group["nesterov"] or (group["momentum"] > 0 and group["dampening"] == 0),
+            lambda group: not (group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0)),
             "Nesterov momentum requires a momentum and zero dampening",
         ),
     ),

@@ -43,11 +43,16 @@ def at_least_zero(key: str, label: str) -> Check:
     return Check(key, lambda v: 0.0 <= v, f"Invalid {label}: {{value}}")
 
 
-def learning_rate() -> tuple[Check, ...]:
-    """A float or one-element Tensor learning rate, not negative."""
+def not_negative(key: str, label: str) -> Check:
+    """``not group[key] < 0`` (NaN passes), as torch's SGD words its checks: ``Invalid <label>: <value>``."""
+    return Check(key, lambda v: not v < 0.0, f"Invalid {label}: {{value}}")
+
+
+def learning_rate(*, nan_passes: bool = False) -> tuple[Check, ...]:
+    """A float or one-element Tensor learning rate, not negative (``nan_passes``: torch's SGD form)."""
     return (
         Check("lr", lambda v: not isinstance(v, torch.Tensor) or v.numel() == 1, "Tensor lr must be 1-element"),
-        at_least_zero("lr", "learning rate"),
+        (not_negative if nan_passes else at_least_zero)("lr", "learning rate"),
     )
 
 
