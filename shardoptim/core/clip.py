@@ -64,7 +64,8 @@ def clip_grad_norm(
     partial = _combine([_norm(t, norm_type) for t in sharded], norm_type, dtype, device)
     if comm.world_size > 1 and sharded:
         partial = partial.to(comm.small_device)
-        comm.launch_reduce(partial, "max" if norm_type == math.inf else "sum").wait()
+        how = "max" if norm_type == math.inf else "sum"
+        comm.launch_reduce(partial, how, label="clip_grad_norm_: the reduction of the gradient norm").wait()
         partial = partial.to(device)
     local = _combine([_norm(t, norm_type) for t in whole], norm_type, dtype, device)
     if norm_type == math.inf:

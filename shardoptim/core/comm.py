@@ -43,22 +43,25 @@ class Comm(Protocol):
     #: Where small tensors (masks, norms) are reduced without a device round trip where possible.
     small_device: torch.device
 
-    def launch_average(self, flat: Tensor, shard: Tensor) -> Pending:
+    def launch_average(self, flat: Tensor, shard: Tensor, *, label: str = "") -> Pending:
         """Average ``flat`` over ranks into ``shard``.
 
         ``shard`` is either ``flat`` itself (a replicated buffer: the whole of it is averaged) or a
         buffer of ``flat.numel() // world_size`` elements, which may be ``flat``'s own slice ``rank``,
         that receives the average of that slice. The rest of ``flat`` is left undefined.
+
+        ``label`` (every launch takes one) names the collective in the error raised if it fails or
+        times out (``ShardingConfig.collective_timeout_s``).
         """
 
-    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None) -> Pending:
+    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None, label: str = "") -> Pending:
         """Fill ``flat`` with every rank's ``shard`` (its slice ``rank``), on every rank or only on ``dst``.
 
         ``shard`` is ``flat``'s own slice, a separate buffer of that size, or ``flat`` itself (nothing
         to gather). With ``dst``, ``flat`` matters only on ``dst`` (elsewhere it may be empty).
         """
 
-    def launch_reduce(self, tensor: Tensor, how: Reduction) -> Pending:
+    def launch_reduce(self, tensor: Tensor, how: Reduction, *, label: str = "") -> Pending:
         """Combine a tensor over ranks, in place: small ones (masks, norms, losses), and sparse
         gradients (``"sum"``: the union of the ranks' entries)."""
 
@@ -70,15 +73,15 @@ class LocalComm:
     world_size = 1
     small_device = torch.device("cpu")
 
-    def launch_average(self, flat: Tensor, shard: Tensor) -> Pending:
+    def launch_average(self, flat: Tensor, shard: Tensor, *, label: str = "") -> Pending:
         if shard.data_ptr() != flat.data_ptr():
             shard.copy_(flat[: shard.numel()])
         return DONE
 
-    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None) -> Pending:
+    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None, label: str = "") -> Pending:
         if shard.data_ptr() != flat.data_ptr():
             flat[: shard.numel()].copy_(shard)
         return DONE
 
-    def launch_reduce(self, tensor: Tensor, how: Reduction) -> Pending:
+    def launch_reduce(self, tensor: Tensor, how: Reduction, *, label: str = "") -> Pending:
         return DONE

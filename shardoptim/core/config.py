@@ -54,6 +54,10 @@ class ShardingConfig:
     exchanges_in_flight: int = 2
     """Gradient averages in flight at once; launching one more first finishes the oldest."""
 
+    collective_timeout_s: float | None = None
+    """How long one of the step's collectives may take before it fails with an error naming it, its
+    bucket and the step (a peer that died or hangs). ``None``: the process group's own timeout."""
+
     def __post_init__(self) -> None:
         if self.bucket_cap_numel is not None and (
             isinstance(self.bucket_cap_numel, bool) or not isinstance(self.bucket_cap_numel, int)
@@ -67,6 +71,9 @@ class ShardingConfig:
         for name in ("shard_grads", "overlap_grad_reduce"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        timeout = self.collective_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+            raise ValueError(f"collective_timeout_s must be a positive number of seconds or None, got {timeout!r}")
         if isinstance(self.exchanges_in_flight, bool) or not isinstance(self.exchanges_in_flight, int) or (
             self.exchanges_in_flight < 1
         ):

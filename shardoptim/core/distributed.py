@@ -15,6 +15,7 @@ import logging
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -63,17 +64,33 @@ def _real(tensor: Tensor) -> Tensor:
     return torch.view_as_real(tensor).view(-1) if tensor.is_complex() else tensor
 
 
-class _Works:
-    """Collectives in flight, and what to do once they are done."""
+class CollectiveError(RuntimeError):
+    """A collective of the step failed or timed out (a peer died, hung, or went elsewhere)."""
 
-    __slots__ = ("_works", "_then")
+
+class _Works:
+    """Collectives in flight, and what to do once they are done.
+
+    ``label`` says what they are (which bucket, which step) in the error raised when one fails or
+    exceeds ``timeout``, so a hung peer is reported instead of waited on forever.
+    """
+
+    __slots__ = ("_works", "_then", "label", "timeout")
 
     def __init__(self, works: Sequence[dist.Work], then=None) -> None:
         self._works, self._then = list(works), then
+        self.label, self.timeout = "a collective", None
 
     def wait(self) -> None:
-        for work in self._works:
-            work.wait()
+        try:
+            for work in self._works:
+                if self.timeout is None:
+                    work.wait()
+                else:
+                    work.wait(self.timeout)
+        except Exception as error:
+            limit = f" within {self.timeout.total_seconds():g} s" if self.timeout is not None else ""
+            raise CollectiveError(f"{self.label} did not complete{limit}: {error}") from error
         self._works = []
         if self._then is not None:
             then, self._then = self._then, None
@@ -95,6 +112,7 @@ class ProcessGroupComm:
             raise ValueError("this process is not a member of the process_group it was given")
         self.backend = str(dist.get_backend(process_group))
         self.config = config
+        self._timeout = None if config.collective_timeout_s is None else timedelta(seconds=config.collective_timeout_s)
         self._global_ranks = [dist.get_global_rank(process_group, rank) for rank in range(self.world_size)]
         self._patterns: dict[str, CollectivePattern] = {}
         # Small tensors (masks, norms) go where the backend takes them without a device round trip.
@@ -117,13 +135,19 @@ class ProcessGroupComm:
 
     # -- averaging ------------------------------------------------------------------------------
 
-    def launch_average(self, flat: Tensor, shard: Tensor) -> Pending:
+    def _labelled(self, works: _Works, label: str) -> _Works:
+        works.label, works.timeout = label or works.label, self._timeout
+        return works
+
+    def launch_average(self, flat: Tensor, shard: Tensor, *, label: str = "") -> Pending:
         flat, shard = _real(flat), _real(shard)
         if shard.numel() == flat.numel() or self.pattern(flat.device).average == "all_reduce":
-            return self._all_reduce_average(flat, shard)
-        if self.pattern(flat.device).average == "all_to_all":
-            return self._all_to_all_average(flat, shard)
-        return self._reduce_scatter_average(flat, shard)
+            works = self._all_reduce_average(flat, shard)
+        elif self.pattern(flat.device).average == "all_to_all":
+            works = self._all_to_all_average(flat, shard)
+        else:
+            works = self._reduce_scatter_average(flat, shard)
+        return self._labelled(works, label)
 
     def _own_slice(self, flat: Tensor) -> Tensor:
         size = flat.numel() // self.world_size
@@ -181,10 +205,13 @@ class ProcessGroupComm:
 
     # -- gathering ------------------------------------------------------------------------------
 
-    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None) -> Pending:
+    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None, label: str = "") -> Pending:
         flat, shard = _real(flat), _real(shard)
         if shard.numel() == flat.numel():
             return DONE
+        return self._labelled(self._gather(flat, shard, dst), label)
+
+    def _gather(self, flat: Tensor, shard: Tensor, dst: int | None) -> _Works:
         size = shard.numel()
         if dst is not None:
             chunks = list(flat.split(size)) if self.rank == dst else None
@@ -201,11 +228,11 @@ class ProcessGroupComm:
 
     # -- small tensors --------------------------------------------------------------------------
 
-    def launch_reduce(self, tensor: Tensor, how: Reduction) -> Pending:
+    def launch_reduce(self, tensor: Tensor, how: Reduction, *, label: str = "") -> Pending:
         op = dist.ReduceOp.SUM if how == "sum" else dist.ReduceOp.MAX
         if tensor.is_sparse and backend_for(self.backend, tensor.device) != "gloo":
-            return self._reduce_sparse_as_dense(tensor)
-        return _Works([dist.all_reduce(tensor, op=op, group=self.group, async_op=True)])
+            return self._labelled(self._reduce_sparse_as_dense(tensor), label)
+        return self._labelled(_Works([dist.all_reduce(tensor, op=op, group=self.group, async_op=True)]), label)
 
     def _reduce_sparse_as_dense(self, tensor: Tensor) -> Pending:
         """Sum a sparse tensor where only gloo sums sparse tensors: a dense sum, with a mask of the

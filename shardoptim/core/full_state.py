@@ -34,11 +34,11 @@ def gather_full_state(
     """
     receives = dst is None or comm.rank == dst
     pending, fulls = [], []
-    for bucket in buckets:
+    for index, bucket in enumerate(buckets):
         by_name = {}
         for name, shard in bucket.state.tensors.items():
             full = torch.empty(bucket.layout.numel if receives else 0, dtype=shard.dtype, device=shard.device)
-            pending.append(comm.launch_gather(full, shard, dst=dst))
+            pending.append(comm.launch_gather(full, shard, dst=dst, label=f"state_dict: gathering {name} of bucket {index}"))
             by_name[name] = full
         fulls.append(by_name)
     for work in pending:

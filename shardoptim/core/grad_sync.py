@@ -51,6 +51,8 @@ class GradSync:
         self.accumulating = False
         self._sharded = sharded
         self._indices: dict[int, int] = {}
+        #: Steps taken so far: what errors of the step's collectives say they were part of.
+        self.steps_taken = 0
         self._reset()
 
     def buckets_changed(self) -> None:
@@ -198,7 +200,7 @@ class GradSync:
             flags[[start + p for p in positions]] = 1
             start += size
         mask = flags.to(self._comm.small_device)
-        self._comm.launch_reduce(mask, "max").wait()
+        self._comm.launch_reduce(mask, "max", label=f"step {self.steps_taken + 1}: the gradient presence mask").wait()
         merged, agreed, start = mask.tolist(), [], 0
         for size in sizes:
             agreed.append([p for p in range(size) if merged[start + p]])
@@ -220,7 +222,8 @@ class GradSync:
         for position in bucket.sparse_positions:
             bucket.densify_grad(position)
         bucket.zero_grads_except(present)
-        self._in_flight[index] = self._comm.launch_average(bucket.grad_buffer(), bucket.shard_grad)
+        label = f"step {self.steps_taken + 1}: the gradient average of bucket {index} ({bucket.layout.numel} elements)"
+        self._in_flight[index] = self._comm.launch_average(bucket.grad_buffer(), bucket.shard_grad, label=label)
 
     def _finish(self, index: int) -> None:
         """Wait for bucket ``index``'s average (launching it if needed); ZeRO-2 then frees the full buffer."""

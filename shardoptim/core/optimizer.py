@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
+import warnings
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -107,6 +108,11 @@ class Optimizer(torch.optim.Optimizer):
         self._sync = GradSync(self._buckets, self._comm, sharding, average=reduce_grads, sharded=self._shards > 1)
         self._step_tensors: dict[torch.device, Tensor] = {}
         self._constructed = False
+        self._warned_unagreed_scale = False
+        if self._shards > 1:
+            # torch.amp.GradScaler then always calls step() and leaves the skip to it (found_inf):
+            # a rank must not skip a step, whose collectives its peers run, on its own inf.
+            self._step_supports_amp_scaling = True
 
     def _after_construction(self) -> None:
         """Called once the groups are in place (also after unpickling); algorithms may add to it."""
@@ -229,7 +235,7 @@ class Optimizer(torch.optim.Optimizer):
         row = [zlib.crc32(signature.encode()), len(groups), len(params), sum(p.numel() for p in params)]
         table = torch.zeros(comm.world_size, len(row), dtype=torch.int64, device=comm.small_device)
         table[comm.rank] = torch.tensor(row, dtype=torch.int64)
-        comm.launch_reduce(table, "sum").wait()
+        comm.launch_reduce(table, "sum", label="the check that every rank has the same parameters").wait()
         rows = table.tolist()
         if all(other == rows[0] for other in rows):
             return
@@ -257,10 +263,37 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
         with torch.no_grad():
             self._check_params()
-            self._step_buckets()
+            if self._skips_for_inf():
+                self._sync.end_step()
+            else:
+                self._step_buckets()
         with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
             self._step_per_parameter()
         return loss
+
+    def _skips_for_inf(self) -> bool:
+        """Whether ``torch.amp.GradScaler`` found an inf or NaN gradient on any rank (``found_inf``,
+        which it sets on a sharded optimizer before ``step()``): then no rank updates anything."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return False
+        local = float(found_inf)
+        agreed = torch.tensor([local], dtype=torch.float32, device=self._comm.small_device)
+        self._comm.launch_reduce(agreed, "max", label=f"step {self._sync.steps_taken + 1}: the inf check").wait()
+        if (agreed.item() > 0) != (local > 0) and not self._warned_unagreed_scale:
+            self._warned_unagreed_scale = True
+            warnings.warn(
+                "another rank found an inf/NaN gradient, so every rank skips this step, but this rank's "
+                "torch.amp.GradScaler did not see it and will not lower its scale: use "
+                "shardoptim.amp.GradScaler with a sharded optimizer so every rank adjusts the scale alike",
+                RuntimeWarning, stacklevel=3,
+            )
+        return agreed.item() > 0
+
+    def _inverse_grad_scale(self) -> Tensor | None:
+        """``1 / grad_scale`` when ``torch.amp.GradScaler`` left this step's gradients scaled, else None."""
+        scale = getattr(self, "grad_scale", None)
+        return None if scale is None else scale.double().reciprocal().float()
 
     def _step_buckets(self) -> None:
         """Every bucket with gradients, through the phases of a step:
@@ -274,14 +307,19 @@ class Optimizer(torch.optim.Optimizer):
         Unsharded, 2 and 4 have nothing to do.
         """
         ready = self._sync.collect()
+        inverse_scale = self._inverse_grad_scale()
         gathers = []
         for index in self._sync.averaged(ready):
             bucket = self._buckets[index]
+            if inverse_scale is not None:
+                bucket.shard_grad.mul_(inverse_scale.to(bucket.shard_grad.device))
             self._update_shard(index, ready[index])
-            gathers.append(self._comm.launch_gather(bucket.flat_param, bucket.shard_param))
+            label = f"step {self._sync.steps_taken + 1}: the parameter gather of bucket {index}"
+            gathers.append(self._comm.launch_gather(bucket.flat_param, bucket.shard_param, label=label))
         for gather in gathers:
             gather.wait()
         self._sync.end_step()
+        self._sync.steps_taken += 1
 
     def _update_shard(self, index: int, positions: list[int]) -> None:
         """Phase 3 for one bucket: its state advanced, then the update run over the shard's pieces."""
@@ -482,7 +520,10 @@ class Optimizer(torch.optim.Optimizer):
         ``step()`` does this itself; call it after changing shards some other way (an EMA swapped in,
         a shard loaded). Collective when sharded; nothing to do otherwise.
         """
-        pending = [self._comm.launch_gather(b.flat_param, b.shard_param) for b in self._buckets if b.is_sharded]
+        pending = [
+            self._comm.launch_gather(b.flat_param, b.shard_param, label=f"gather_params: bucket {i}")
+            for i, b in enumerate(self._buckets) if b.is_sharded
+        ]
         for work in pending:
             work.wait()
 

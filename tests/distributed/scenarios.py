@@ -550,3 +550,54 @@ def overlap_launches_during_backward() -> dict[str, int]:
     launched = len(opt._sync._finished)
     opt.step()
     return {"launched_in_backward": launched, "buckets": len(opt.buckets)}
+
+
+def grad_scaler_with_an_inf_on_one_rank(scaler_kind: str) -> dict[str, Any]:
+    """AMP on a sharded optimizer, an inf injected into rank 1's gradient at step 1: every rank must
+    skip that step together; with shardoptim's scaler every rank also lowers its scale alike."""
+    import warnings
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, _ = models()
+    opt = shardoptim.SGD(model.parameters(), lr=0.1, momentum=0.9, process_group=dist.group.WORLD)
+    scaler_class = shardoptim.amp.GradScaler if scaler_kind == "shardoptim" else torch.amp.GradScaler
+    scaler = scaler_class("cpu", init_scale=2.0**10, growth_interval=1)
+    scales, skipped = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            x, y = batch(step)
+            loss = loss_of(model, rank_slice(x, rank, world), rank_slice(y, rank, world), usage(step, rank, static=True))
+            scaler.scale(loss).backward()
+            if step == 1 and rank == 1:
+                model.inp.weight.grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+            before += [t.clone() for b in opt.buckets for t in b.state.tensors.values()]
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            scales.append(scaler.get_scale())
+            after = [*model.parameters(), *(t for b in opt.buckets for t in b.state.tensors.values())]
+            skipped.append(len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after)))
+    warned = any("shardoptim.amp.GradScaler" in str(w.message) for w in caught)
+    return {"scales": scales, "skipped": skipped, "warned": warned,
+            "params": [p.detach().clone() for p in model.parameters()]}
+
+
+def a_peer_that_never_comes(timeout_s: float) -> str:
+    """Rank 1 never takes its step: rank 0's step fails within the timeout, naming the collective."""
+    import time
+
+    model, _ = models()
+    opt = shardoptim.SGD(model.parameters(), lr=0.1, process_group=dist.group.WORLD,
+                         sharding=shardoptim.ShardingConfig(collective_timeout_s=timeout_s))
+    own_backward(model, 0, static=True)
+    if dist.get_rank() == 1:
+        time.sleep(timeout_s + 3)
+        return "absent"
+    started = time.monotonic()
+    try:
+        opt.step()
+    except RuntimeError as error:
+        return f"{time.monotonic() - started:.1f}|{type(error).__name__}|{error}"
+    return "no error"

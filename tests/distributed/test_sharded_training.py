@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import torch
+
 import pytest
 
 from . import scenarios
@@ -103,3 +105,29 @@ def test_sparse_sum_without_sparse_all_reduce(worlds):
 
 def test_gather_params_after_changing_shards(worlds):
     worlds.get(2).run(scenarios.gather_params_refreshes_every_rank)
+
+
+@pytest.mark.parametrize("scaler", ["shardoptim", "torch"])
+def test_grad_scaler_skips_an_inf_step_on_every_rank(worlds, scaler):
+    results = worlds.get(2).run(scenarios.grad_scaler_with_an_inf_on_one_rank, scaler)
+    for result in results:
+        assert result["skipped"] == [False, True, False, False], "the inf step, and only it, is skipped"
+    for a, b in zip(results[0]["params"], results[1]["params"]):
+        assert torch.equal(a, b), "the ranks stay identical"
+    if scaler == "shardoptim":
+        assert results[0]["scales"] == results[1]["scales"], "every rank lowers its scale alike"
+        assert results[0]["scales"][1] == results[0]["scales"][0] / 2
+        assert not any(result["warned"] for result in results)
+    else:
+        assert results[0]["warned"], "torch's scaler on the rank that saw no inf: told to use ours"
+
+
+def test_a_dead_peer_fails_the_step_within_the_timeout(worlds):
+    world = worlds.get(2)
+    try:
+        outcome = world.run(scenarios.a_peer_that_never_comes, 3.0)[0]
+    finally:
+        world.close()  # its ranks disagree on the collectives done: the next test gets a fresh world
+    seconds, kind, message = outcome.split("|", 2)
+    assert kind == "CollectiveError" and "step 1" in message and "within 3 s" in message, message
+    assert float(seconds) < 30
