@@ -199,7 +199,7 @@ def _param_table(raw: Any, source: str) -> list[dict[str, Any]]:
             raise CheckpointFormatError(f"{where}.shape: more than 64 dimensions")
         for size in shape:
             _int(size, f"{where}.shape", 0, 1 << 48)
-        if entry["dtype"] not in _DTYPES:
+        if not isinstance(entry["dtype"], str) or entry["dtype"] not in _DTYPES:
             raise CheckpointFormatError(f"{where}.dtype: unknown dtype {entry['dtype']!r:.40}")
         name = entry.get("name")
         if name is not None and not isinstance(name, str):

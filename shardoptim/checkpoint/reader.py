@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..core import BucketLayout, owned_pieces
 from .capture import TENSOR
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointFormatError
 from .manifest import MANIFEST, Manifest, shard_file, shared_file, state_key
 from .storage import Storage
 from .tensorfile_reader import TensorFileReader
@@ -54,8 +54,10 @@ class Checkpoint:
         self.storage = storage
         self.manifest = manifest
         self._readers: dict[str, TensorFileReader] = {}
-        self.buckets = [_source_bucket(raw, position, storage.url) for position, raw in
-                        enumerate((manifest.optimizer or {}).get("buckets", []))]
+        raw_buckets = (manifest.optimizer or {}).get("buckets", [])
+        if not isinstance(raw_buckets, list):
+            raise CheckpointFormatError(f"{storage.url}: optimizer.buckets must be a list")
+        self.buckets = [_source_bucket(raw, position, storage.url) for position, raw in enumerate(raw_buckets)]
 
     @property
     def url(self) -> str:
@@ -89,11 +91,15 @@ class Checkpoint:
         (``"param"``: the parameters; ``"ema"``: a sharded EMA), in the bucket's dtype."""
         dtype = self.buckets[bucket].layout.dtype
         scale = 2 if dtype.is_complex else 1  # stored as the real view
-        values = self.shard_reader(rank).read_range(state_key(rank, bucket, name), start * scale, stop * scale)
+        reader, key = self.shard_reader(rank), state_key(rank, bucket, name)
+        if key not in reader.names:
+            raise CheckpointFormatError(f"{reader_url(self, rank)}: the manifest expects a tensor {key!r:.100} there")
+        values = reader.read_range(key, start * scale, stop * scale)
         return torch.view_as_complex(values.view(-1, 2)) if dtype.is_complex else values
 
-    def read_parameter(self, index: int) -> Tensor:
-        """One of the optimizer's parameters, whole, from every rank's shard of its bucket."""
+    def read_parameter(self, index: int, *, name: str = "param") -> Tensor:
+        """One of the optimizer's parameters, whole, from every rank's shard of its bucket; with
+        ``name``, that parameter's part of another bucket tensor instead (a state name, ``"ema"``)."""
         for position, bucket in enumerate(self.buckets):
             slot = next((s for s in bucket.layout.slots if s.index == index), None)
             if slot is None:
@@ -103,13 +109,16 @@ class Checkpoint:
                 for piece in owned_pieces([bucket.layout], rank):
                     if piece.index == index:
                         whole[piece.param_start : piece.param_stop] = self.read_range(
-                            rank, position, "param", piece.start, piece.start + piece.numel
+                            rank, position, name, piece.start, piece.start + piece.numel
                         )
             return whole.view(slot.shape)
         raise CheckpointError(f"{self.url}: parameter {index} is in none of the optimizer's buckets")
 
     def read_shared(self, key: str, *, complex_: bool = False) -> Tensor:
-        values = self.shared_reader().read(key)
+        reader = self.shared_reader()
+        if key not in reader.names:
+            raise CheckpointFormatError(f"{self.url}: the shared file has no tensor {key!r:.100}")
+        values = reader.read(key)
         return torch.view_as_complex(values) if complex_ else values
 
     def tensors_in(self, value: Any) -> Any:
@@ -121,6 +130,10 @@ class Checkpoint:
         if isinstance(value, list):
             return [self.tensors_in(item) for item in value]
         return value
+
+
+def reader_url(checkpoint: Checkpoint, rank: int) -> str:
+    return checkpoint.storage.url_of(shard_file(rank, checkpoint.manifest.world_size, checkpoint.manifest.save_id))
 
 
 def open_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> Checkpoint:

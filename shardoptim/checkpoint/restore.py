@@ -22,7 +22,7 @@ from ..core.state_dicts import check_shard_state, index_of_params
 from ..ema import AveragedModel, ShardedEMA
 from ..sched.state import like
 from .capture import _param_table
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointFormatError
 from .reader import Checkpoint, layouts, open_checkpoint
 from .rng import check_rng, restore_rng
 from .writer import agree, comm_of
@@ -112,7 +112,7 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
         return [lambda: optimizer.load_state_dict(state)]
     target = optimizer.shard_state_dict()
     target["param_groups"] = _saved_groups(checkpoint, optimizer, saved["param_groups"])
-    target["per_parameter"] = {int(k): v for k, v in checkpoint.tensors_in(saved.get("per_parameter", {})).items()}
+    target["per_parameter"] = per_parameter_state(checkpoint)
     rank = optimizer.comm.rank
     copies = _copies(checkpoint, optimizer, rank)
     params = [torch.zeros_like(bucket.shard_param) for bucket in optimizer.buckets]
@@ -132,7 +132,11 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
         for name, tensor in target["buckets"][copy_.target_bucket]["state"].items():
             if name in checkpoint.buckets[copy_.source_bucket].names:
                 _fill(checkpoint, copy_, name, tensor)
-    apply_state = check_shard_state(optimizer, target)
+    try:
+        apply_state = check_shard_state(optimizer, target)
+    except (TypeError, KeyError, IndexError, AttributeError) as error:  # hyper-parameters of the wrong kind
+        raise CheckpointFormatError(f"{checkpoint.url}: the saved optimizer state does not fit this optimizer: "
+                                    f"{type(error).__name__}: {error}") from None
 
     def apply() -> None:
         apply_state()
@@ -143,6 +147,15 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
             optimizer.gather_params()
 
     return [apply]
+
+
+def per_parameter_state(checkpoint: Checkpoint) -> dict[int, Any]:
+    """The saved per-parameter optimizer state (torch's format), its tensors read from the shared file."""
+    raw = checkpoint.manifest.optimizer.get("per_parameter", {})
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and k.isdigit() and isinstance(v, dict)
+                                            for k, v in raw.items()):
+        raise CheckpointFormatError(f"{checkpoint.url}: optimizer.per_parameter must map indices to objects")
+    return {int(index): checkpoint.tensors_in(entry) for index, entry in raw.items()}
 
 
 def _same_family(saved: str, optimizer: torch.optim.Optimizer) -> bool:
@@ -189,10 +202,14 @@ def _counts(checkpoint: Checkpoint, indices: list[int]) -> tuple[list[int], dict
 
 
 def _saved_groups(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, saved: Any) -> list[dict[str, Any]]:
+    """The saved groups, each hyper-parameter a tensor again where the live group holds a tensor."""
     _check_group_sizes(checkpoint, optimizer, saved)
     groups = []
     for live, group in zip(optimizer.param_groups, saved):
-        groups.append({key: like(live.get(key), value) if key in live else value for key, value in group.items()})
+        groups.append({
+            key: like(live[key], value) if key in live and key not in ("params", "param_names") else value
+            for key, value in group.items()
+        })
     return groups
 
 
@@ -200,14 +217,17 @@ def _check_group_sizes(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer,
     if not isinstance(saved, list) or len(saved) != len(optimizer.param_groups):
         raise CheckpointError(f"{checkpoint.url}: the checkpoint's optimizer has another number of param groups")
     for i, (live, group) in enumerate(zip(optimizer.param_groups, saved)):
-        if not isinstance(group, dict) or len(group.get("params", ())) != len(live["params"]):
+        params = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(params, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in params):
+            raise CheckpointFormatError(f"{checkpoint.url}: param group {i} must list its parameters' indices")
+        if len(params) != len(live["params"]):
             raise CheckpointError(f"{checkpoint.url}: param group {i} has another number of parameters")
 
 
 def torch_format_state(checkpoint: Checkpoint) -> dict[str, Any]:
     """The checkpoint's optimizer as one torch-format state dict (what ``torch.optim`` loads)."""
     saved = checkpoint.manifest.optimizer
-    state: dict[int, dict[str, Any]] = {int(k): v for k, v in checkpoint.tensors_in(saved.get("per_parameter", {})).items()}
+    state: dict[int, dict[str, Any]] = per_parameter_state(checkpoint)
     step_in_state, state_at_start = _algorithm_traits(saved["algorithm"])
     for position, bucket in enumerate(checkpoint.buckets):
         fulls = {name: _whole_bucket(checkpoint, position, name) for name in bucket.names}
@@ -248,10 +268,7 @@ def _algorithm_traits(name: str) -> tuple[bool, bool]:
 
 
 def _stage_model(checkpoint: Checkpoint, model: nn.Module, optimizer: Any, strict: bool) -> list:
-    saved = checkpoint.manifest.model
-    if saved is None:
-        raise CheckpointError(f"{checkpoint.url}: the checkpoint holds no model")
-    entries: dict[str, Any] = saved["entries"]
+    entries = model_entries(checkpoint)
     live = model.state_dict(keep_vars=True)
     missing, unexpected = live.keys() - entries.keys(), entries.keys() - live.keys()
     if strict and (missing or unexpected):
@@ -290,14 +307,47 @@ def _stage_model(checkpoint: Checkpoint, model: nn.Module, optimizer: Any, stric
     return [apply]
 
 
+def model_entries(checkpoint: Checkpoint) -> dict[str, dict[str, Any]]:
+    """The manifest's model entries, each checked to be a parameter index, a shared tensor's key or a
+    tie to another such entry."""
+    saved = checkpoint.manifest.model
+    if saved is None:
+        raise CheckpointError(f"{checkpoint.url}: the checkpoint holds no model")
+    entries = saved.get("entries")
+    if not isinstance(entries, dict):
+        raise CheckpointFormatError(f"{checkpoint.url}: model.entries must be an object")
+
+    def plain(entry: Any) -> bool:
+        if not isinstance(entry, dict):
+            return False
+        if set(entry) == {"param"}:
+            return isinstance(entry["param"], int) and not isinstance(entry["param"], bool)
+        return set(entry) <= {"tensor", "complex"} and isinstance(entry.get("tensor"), str) and (
+            isinstance(entry.get("complex", False), bool)
+        )
+
+    for key, entry in entries.items():
+        tied = isinstance(entry, dict) and set(entry) == {"same_as"} and plain(entries.get(entry["same_as"]))
+        if not (plain(entry) or tied):
+            raise CheckpointFormatError(
+                f"{checkpoint.url}: model.entries[{key!r:.80}] is neither a parameter, a tensor nor a tie to one"
+            )
+    return entries
+
+
 def _stage_schedulers(checkpoint: Checkpoint, schedulers: Sequence[Any], strict: bool) -> list:
     saved = checkpoint.manifest.schedulers
     if strict and len(saved) != len(schedulers):
         raise CheckpointError(f"{checkpoint.url}: {len(saved)} schedulers saved, {len(schedulers)} given")
-    for scheduler, state in zip(schedulers, saved):
+    for index, (scheduler, state) in enumerate(zip(schedulers, saved)):
         # A copy (sharing the optimizer) refuses bad state before the real one changes.
         optimizer = getattr(scheduler, "optimizer", None)
-        copy.deepcopy(scheduler, {id(optimizer): optimizer}).load_state_dict(copy.deepcopy(state))
+        try:
+            copy.deepcopy(scheduler, {id(optimizer): optimizer}).load_state_dict(copy.deepcopy(state))
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:
+            raise CheckpointFormatError(
+                f"{checkpoint.url}: scheduler {index}'s saved state does not fit {type(scheduler).__name__}: {error}"
+            ) from None
 
     def apply() -> None:
         for scheduler, state in zip(schedulers, saved):
@@ -320,7 +370,10 @@ def _stage_ema(checkpoint: Checkpoint, ema: Any, optimizer: Any) -> list:
             _fill(checkpoint, copy_, "ema", shards[copy_.target_bucket])
         state = {"decay": saved.get("decay"), "warmup": saved.get("warmup"), "num_updates": saved.get("num_updates"),
                  "shards": shards}
-        ema.check_state_dict(state)
+        try:
+            ema.check_state_dict(state)
+        except (TypeError, ValueError, KeyError) as error:
+            raise CheckpointFormatError(f"{checkpoint.url}: the saved EMA does not fit this ShardedEMA: {error}") from None
         return [lambda: ema.load_state_dict(state)]
     if saved.get("kind") != "averaged_model":
         raise CheckpointError(f"{checkpoint.url}: the saved EMA is {saved.get('kind')!r}, not an AveragedModel")

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import CheckpointFormatError
+
 try:
     import numpy
 except ImportError:  # pragma: no cover - numpy is a dependency
@@ -34,18 +36,35 @@ def capture_rng() -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def check_rng(tensors: dict[str, Tensor], data: Any, *, where: str) -> None:
-    """Raise ``ValueError`` naming ``where`` unless ``tensors`` and ``data`` are states ``restore_rng`` takes."""
+    """Raise ``CheckpointFormatError`` naming ``where`` unless ``restore_rng`` takes these states:
+    each is set on a throwaway generator of its kind, which checks it as the real one would."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected an object of generator states")
-    if "cpu" not in tensors or tensors["cpu"].dtype != torch.uint8 or tensors["cpu"].dim() != 1:
-        raise ValueError(f"{where}: no CPU generator state (a 1-D uint8 tensor)")
-    python = data.get("python")
-    if not (isinstance(python, list) and len(python) == 3 and isinstance(python[1], list)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in python[1])):
-        raise ValueError(f"{where}: the Python generator state is malformed")
-    state = data.get("numpy")
-    if state is not None and not (isinstance(state, list) and len(state) == 5 and isinstance(state[1], list)):
-        raise ValueError(f"{where}: the NumPy generator state is malformed")
+        raise CheckpointFormatError(f"{where}: expected an object of generator states")
+    checks = {"torch": lambda: torch.Generator().set_state(tensors["cpu"])}
+    checks.update({name: lambda s=state: torch.Generator().set_state(s) for name, state in tensors.items()
+                   if name.startswith("cuda")})
+    checks["python"] = lambda: random.Random().setstate(_python_state(data["python"]))
+    if numpy is not None and data.get("numpy") is not None:
+        checks["numpy"] = lambda: numpy.random.RandomState().set_state(_numpy_state(data["numpy"]))
+    for kind, check in checks.items():
+        try:
+            check()
+        except Exception as error:  # noqa: BLE001 - any way a state can be wrong
+            raise CheckpointFormatError(f"{where}: the {kind} generator state is not one: {error}") from None
+
+
+def _python_state(data: Any) -> tuple:
+    version, internal, gauss = data
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in internal):
+        raise TypeError("the Mersenne Twister state must be integers")
+    return version, tuple(internal), gauss
+
+
+def _numpy_state(data: Any) -> tuple:
+    kind, keys, position, has_gauss, cached = data
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in keys):
+        raise ValueError("the Mersenne Twister keys must be 32-bit unsigned integers")
+    return kind, numpy.asarray(keys, dtype=numpy.uint32), position, has_gauss, cached
 
 
 def restore_rng(tensors: dict[str, Tensor], data: dict[str, Any]) -> None:
@@ -56,8 +75,6 @@ def restore_rng(tensors: dict[str, Tensor], data: dict[str, Any]) -> None:
             state = tensors.get(f"cuda{device}")
             if state is not None:
                 torch.cuda.set_rng_state(state, device)
-    version, internal, gauss = data["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(_python_state(data["python"]))
     if numpy is not None and data.get("numpy") is not None:
-        kind, keys, position, has_gauss, cached = data["numpy"]
-        numpy.random.set_state((kind, numpy.asarray(keys, dtype=numpy.uint32), position, has_gauss, cached))
+        numpy.random.set_state(_numpy_state(data["numpy"]))

@@ -13,7 +13,7 @@ byte range. :meth:`TensorFileReader.verify` checks the whole file against its di
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -160,8 +160,11 @@ class TensorFileReader:
         for offset in range(0, self.size, chunk_bytes):
             yield self.storage.read_bytes(self.name, offset, min(offset + chunk_bytes, self.size))
 
-    def verify(self) -> None:
-        """Read the whole file and check it against the recorded digest; ``CheckpointIntegrityError`` if not."""
+    def verify(self, *, on_read: Callable[[int], None] | None = None) -> None:
+        """Read the whole file and check it against the recorded digest; ``CheckpointIntegrityError`` if not.
+
+        ``on_read(nbytes)``, when given, is called after each chunk is read (a progress bar's advance).
+        """
         if self.expected is None:
             raise ValueError(f"{self.url}: no record to verify against")
         algorithm, _ = parse_digest(self.expected.digest, source=f"{self.url} record")
@@ -172,6 +175,8 @@ class TensorFileReader:
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(hasher.update, chunk)
+                if on_read is not None:
+                    on_read(len(chunk))
             if pending is not None:
                 pending.result()
         actual = hasher.digest()

@@ -122,7 +122,7 @@ def _tensor(raw: Any, where: str, block_bytes: int, file_size: int) -> TensorRec
     if not isinstance(name, str) or not name:
         raise CheckpointFormatError(f"{where}: name must be a non-empty str, got {name!r:.80}")
     dtype = fields["dtype"]
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointFormatError(f"{where}: unknown dtype {dtype!r:.40}")
     shape = fields["shape"]
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):

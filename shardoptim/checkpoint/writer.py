@@ -53,7 +53,7 @@ def comm_of(optimizer: Any) -> Comm:
 def agree(comm: Comm, value: int, how: str = "max") -> int:
     """One integer combined over ranks (``"max"`` or ``"sum"``)."""
     tensor = torch.tensor([value], dtype=torch.int64, device=comm.small_device)
-    comm.launch_reduce(tensor, how).wait()
+    comm.launch_reduce(tensor, how, label="a checkpoint's agreement between ranks").wait()
     return int(tensor.item())
 
 

@@ -1,0 +1,184 @@
+"""``reshard(url, out, world_size=M)``: the same checkpoint for M ranks, computed from its files alone.
+
+No optimizer is built. The target layouts are planned as a sharded optimizer at M ranks plans them
+(:func:`plan_layouts`): per param group, from the saved parameter table (shapes, dtypes, devices,
+trainability as the saved buckets record them), with the recorded ``bucket_cap_numel`` and
+``backward_order`` when M > 1, whole buckets when M = 1; an algorithm that is not ``shardable``
+(LBFGS, SparseAdam) keeps its saved buckets as they are. Then, per target rank, only the element
+ranges it will own are read (``plan_copies``, each range checked against its CRCs), and the new
+per-rank files, the shared file and the manifest are written with the same commit protocol as
+``save``: every file create-only under a new save id, ``MANIFEST.json`` last, create-only.
+
+Loading the result at M ranks gives bit for bit what loading the original at M ranks gives: the
+state of each parameter travels unchanged, steps and scalars per parameter, the elements a saved
+bucket had no tensor for take the algorithm's initial value (as ``load`` fills them), and RNG states
+are kept for the ranks both world sizes have.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import defaultdict
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core import BucketLayout, ParamSpec, plan_buckets, plan_copies
+from ..core.rule import HyperParams
+from .capture import storable
+from .consistency import check_consistency
+from .errors import CheckpointError
+from .manifest import MANIFEST, Manifest, shard_file, shared_file, state_key
+from .progress import SILENT, Progress
+from .reader import Checkpoint, layouts, open_checkpoint
+from .storage import Storage
+from .tensorfile_writer import write_tensor_file
+
+_MAX_WORLD_SIZE = 1 << 20
+
+
+def plan_layouts(checkpoint: Checkpoint, world_size: int) -> list[BucketLayout]:
+    """The optimizer's bucket layouts at ``world_size`` ranks, as the optimizer would plan them."""
+    saved = checkpoint.manifest.optimizer or {}
+    if not saved.get("shardable", True):
+        return layouts(checkpoint.buckets)
+    specs: dict[int, list[ParamSpec]] = defaultdict(list)
+    for bucket in checkpoint.buckets:
+        layout = bucket.layout
+        for slot in layout.slots:
+            specs[layout.group].append(ParamSpec(slot.index, layout.group, slot.shape, layout.dtype, layout.device,
+                                                 layout.trainable))
+    sharded = world_size > 1
+    cap = saved.get("bucket_cap_numel") if sharded else None
+    planned: list[BucketLayout] = []
+    for group in sorted(specs):
+        planned += plan_buckets(sorted(specs[group], key=lambda spec: spec.index), world_size=world_size,
+                                bucket_cap_numel=cap, backward_order=sharded)
+    return planned
+
+
+def reshard(
+    url: str,
+    out: str,
+    *,
+    world_size: int,
+    storage_options: dict[str, Any] | None = None,
+    progress: Progress = SILENT,
+) -> Manifest:
+    """Write the checkpoint at ``url`` to ``out`` as a checkpoint of ``world_size`` ranks; its manifest.
+
+    ``FileExistsError`` when a committed checkpoint is at ``out``. Reads only what the new shards
+    need (module docstring); no process group, one process.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or not 1 <= world_size <= _MAX_WORLD_SIZE:
+        raise ValueError(f"world_size must be an integer in [1, {_MAX_WORLD_SIZE}], got {world_size!r}")
+    checkpoint = open_checkpoint(url, storage_options)
+    check_consistency(checkpoint)
+    target = Storage(out, storage_options)
+    if target.exists(MANIFEST):
+        raise FileExistsError(f"{target.url_of(MANIFEST)}: a committed checkpoint is there already")
+    source = checkpoint.manifest
+    saved = source.optimizer
+    new_layouts = plan_layouts(checkpoint, world_size) if saved is not None else []
+    buckets = [_bucket_entry(checkpoint, layout) for layout in new_layouts]
+    save_id = f"{secrets.randbits(47):012x}"
+    kept_ranks = min(world_size, source.world_size)
+    tensors_per_bucket = 2 if (source.ema or {}).get("kind") == "sharded" else 1  # the parameters, the EMA
+    progress.start(sum(_bytes(layout) * (len(entry["names"]) + tensors_per_bucket)
+                       for layout, entry in zip(new_layouts, buckets)), "reshard")
+    files = {}
+    try:
+        for rank in range(world_size):
+            tensors = _rank_tensors(checkpoint, new_layouts, buckets, rank, progress)
+            if rank < kept_ranks:
+                reader = checkpoint.shard_reader(rank)
+                prefix = f"r{rank}.rng."
+                tensors.update({name: reader.read(name) for name in reader.names if name.startswith(prefix)})
+            name = shard_file(rank, world_size, save_id)
+            files[name] = write_tensor_file(target, name, tensors, exclusive=True)
+        shared = checkpoint.shared_reader()
+        name = shared_file(save_id)
+        files[name] = write_tensor_file(target, name, {key: shared.read(key) for key in shared.names}, exclusive=True)
+    finally:
+        progress.close()
+    optimizer = None if saved is None else {**saved, "buckets": buckets}
+    manifest = replace(source, save_id=save_id, world_size=world_size, files=files, optimizer=optimizer,
+                       rng=source.rng[:kept_ranks])
+    target.write_bytes(MANIFEST, manifest.to_bytes(), exclusive=True)
+    return manifest
+
+
+def _bytes(layout: BucketLayout) -> int:
+    return layout.numel * layout.dtype.itemsize
+
+
+def _bucket_entry(checkpoint: Checkpoint, layout: BucketLayout) -> dict[str, Any]:
+    """The manifest entry of a new bucket: its layout, and per slot the steps and scalars saved for
+    that parameter; its state names are those of every saved bucket holding one of its parameters."""
+    by_index: dict[int, tuple[int, dict[str, float]]] = {}
+    names: list[str] = []
+    indices = {slot.index for slot in layout.slots}
+    for bucket in checkpoint.buckets:
+        for position, slot in enumerate(bucket.layout.slots):
+            by_index[slot.index] = (bucket.steps[position], {k: v[position] for k, v in bucket.scalars.items()})
+        if indices.intersection(slot.index for slot in bucket.layout.slots):
+            names += [name for name in bucket.names if name not in names]
+    scalar_names = sorted({name for index in indices for name in by_index[index][1]})
+    return {
+        "layout": layout.to_dict(),
+        "steps": [by_index[slot.index][0] for slot in layout.slots],
+        "scalars": {name: [float(by_index[slot.index][1].get(name, 0.0)) for slot in layout.slots]
+                    for name in scalar_names},
+        "names": names,
+    }
+
+
+def _rank_tensors(
+    checkpoint: Checkpoint, new_layouts: list[BucketLayout], buckets: list[dict[str, Any]], rank: int,
+    progress: Progress,
+) -> dict[str, Tensor]:
+    """Rank ``rank``'s shards of every new bucket it writes: state, parameters and a sharded EMA."""
+    initial = _initial_values(checkpoint)
+    with_ema = (checkpoint.manifest.ema or {}).get("kind") == "sharded"
+    copies = plan_copies(layouts(checkpoint.buckets), new_layouts, rank) if new_layouts else []
+    tensors: dict[str, Tensor] = {}
+    for position, (layout, entry) in enumerate(zip(new_layouts, buckets)):
+        if not (layout.is_sharded or rank == 0):
+            continue  # a whole bucket is in rank 0's file only
+        mine = [c for c in copies if c.target_bucket == position]
+        for name in ["param", *entry["names"], *(["ema"] if with_ema else [])]:
+            fill = initial(layout.group).get(name, 0.0) if name in entry["names"] else 0.0
+            shard = torch.full((layout.shard_numel(rank),), complex(fill, fill) if layout.dtype.is_complex else fill,
+                               dtype=layout.dtype)
+            for c in mine:
+                if name in ("param", "ema") or name in checkpoint.buckets[c.source_bucket].names:
+                    shard[c.target_start : c.target_start + c.numel] = checkpoint.read_range(
+                        c.source_rank, c.source_bucket, name, c.source_start, c.source_start + c.numel
+                    )
+            tensors[state_key(rank, position, name)] = storable(shard)
+            progress.advance(shard.nbytes)
+    return tensors
+
+
+def _initial_values(checkpoint: Checkpoint) -> Any:
+    """Per group, the value each state tensor starts at (what ``load`` puts where nothing was saved)."""
+    saved = checkpoint.manifest.optimizer or {}
+    import shardoptim
+
+    cls = getattr(shardoptim, str(saved.get("algorithm")), None)
+    rule = getattr(cls, "rule", None)
+    groups = saved.get("param_groups", [])
+    cache: dict[int, dict[str, float]] = {}
+
+    def initial(group: int) -> dict[str, float]:
+        if group not in cache:
+            try:
+                cache[group] = dict(rule.state(HyperParams.of(groups[group]))) if rule is not None else {}
+            except (AttributeError, TypeError, ValueError, IndexError) as error:
+                raise CheckpointError(f"{checkpoint.url}: param group {group}'s hyper-parameters do not give "
+                                      f"{saved.get('algorithm')}'s initial state: {error}") from None
+        return cache[group]
+
+    return initial
