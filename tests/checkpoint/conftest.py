@@ -7,10 +7,6 @@ start-up time is shown at the end of the run.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,55 +17,18 @@ import pytest
 
 from shardoptim.checkpoint.storage import Storage
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUCKET = "shardoptim-tests"
-STARTUP_TIMEOUT_S = 60.0
+from .moto_server import BUCKET, s3_server
+
 _startup_seconds: list[float] = []
-
-
-def _read_port(process: subprocess.Popen[str]) -> int:
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    reader.join(STARTUP_TIMEOUT_S)
-    if not line or not line[0].strip().isdigit():
-        process.kill()
-        stderr = process.communicate(timeout=10)[1]
-        raise RuntimeError(f"moto server did not report a port within {STARTUP_TIMEOUT_S} s: {stderr[-2000:]}")
-    return int(line[0])
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[dict[str, Any]]:
     """``storage_options`` for s3fs pointing at a moto S3 server on 127.0.0.1 with bucket ``BUCKET``."""
-    import s3fs
-
     started = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.checkpoint.moto_server"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        port = _read_port(process)
-        options = {
-            "endpoint_url": f"http://127.0.0.1:{port}",
-            "key": "testing",
-            "secret": "testing",
-            "use_ssl": False,
-            "client_kwargs": {"region_name": "us-east-1"},
-        }
-        fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
-        fs.call_s3("create_bucket", Bucket=BUCKET)
+    with s3_server() as options:
         _startup_seconds.append(time.perf_counter() - started)
         yield options
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 
-from tests.checkpoint.conftest import REPO_ROOT
+from tests.checkpoint.moto_server import REPO_ROOT
 
 
 def start_writer(args: dict) -> subprocess.Popen[str]:
