@@ -20,7 +20,9 @@ if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
 fi
 # The test and clients extras, with the installed torch as a constraint: lightning, transformers and
 # accelerate require torch open-ended, and pip must not replace the build installed above.
-if ! "$VENV_PY" -c "import shardoptim, safetensors, fsspec, numpy, pytest, expecttest, hypothesis, s3fs, moto, lightning, transformers, accelerate" 2>/dev/null; then
+# (.venv/bin/shardoptim: the console script, which an editable install made before it existed lacks.)
+if ! "$VENV_PY" -c "import shardoptim, safetensors, fsspec, numpy, tqdm, pytest, expecttest, hypothesis, s3fs, moto, lightning, transformers, accelerate" 2>/dev/null \
+    || [ ! -x .venv/bin/shardoptim ]; then
   "$VENV_PY" -m pip install --quiet --disable-pip-version-check \
     -c <("$VENV_PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])") -e ".[test,clients]"
 fi

@@ -98,8 +98,12 @@ class _Checks:
         for index, entry in params.items():
             if not 0 <= entry["group"] < len(groups):
                 self.fail(f"params: parameter {index} is in group {entry['group']}, of {len(groups)}")
-        if not isinstance(saved.get("per_parameter", {}), dict):
-            self.fail("optimizer.per_parameter must be an object")
+        per_parameter = saved.get("per_parameter", {})
+        if not isinstance(per_parameter, dict) or not all(isinstance(v, dict) for v in per_parameter.values()):
+            self.fail("optimizer.per_parameter must be an object of objects")
+        for key in per_parameter:
+            if not (key.isdigit() and int(key) in params):
+                self.fail(f"optimizer.per_parameter: {key!r:.40} is not a parameter index of the table")
         self.tensor_refs(saved.get("per_parameter", {}), "optimizer.per_parameter")
         bucketed: set[int] = set()
         for position, bucket in enumerate(self.checkpoint.buckets):

@@ -170,7 +170,7 @@ def _flatten_optimizer(checkpoint: Checkpoint, state: dict[str, Any]) -> tuple[d
     def out(value: Any, path: list[Any]) -> Any:
         if isinstance(value, Tensor):
             key = ".".join(str(part) for part in ["state", *path])
-            tensors[key] = storable(value).clone()
+            tensors[key] = storable(value)  # already a copy (torch_format_state's)
             keys[key] = {"path": path, "complex": value.is_complex()}
             return {TENSOR: key}
         if isinstance(value, Mapping):

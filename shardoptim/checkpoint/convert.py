@@ -314,7 +314,7 @@ def _tensors_out(shared: dict[str, Tensor], value: Any, key: str) -> Any:
     if isinstance(value, Tensor):
         if value.layout != torch.strided:
             raise ValueError(f"{key}: a {value.layout} tensor; only dense state can be converted")
-        shared[key] = storable(value).contiguous().clone()
+        shared[key] = storable(value)  # the file gets its own bytes, never a storage it views
         return {TENSOR: key, "complex": value.is_complex()}
     if isinstance(value, Mapping):
         return {str(k): _tensors_out(shared, v, f"{key}.{k}") for k, v in value.items()}
