@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
+import time
 from typing import Any
+
+import torch.distributed as dist
 
 from .errors import CheckpointError
 from .manifest import MANIFEST, Manifest
+from .reader import IncompleteCheckpointError
 from .restore import load
 from .storage import Storage
-from .writer import comm_of, save, wait
+from .writer import agree, comm_of, save, wait
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIRECTORY = re.compile(r"step-(\d+)")
+#: How often ``restore`` tries the newest checkpoint when the one it reads is deleted meanwhile.
+RESTORE_ATTEMPTS = 5
+RELIST_DELAY_S = 1.0
+_NOTHING = -2  # the "step" of an empty root in the ranks' agreement (a stepless checkpoint is -1)
 
 
 def step_directory(step: int) -> str:
@@ -61,8 +70,13 @@ class CheckpointManager:
     ``keep_best`` best by the metric given to ``save`` (``metric_mode`` "min" or "max").
 
     Old checkpoints are deleted only after a new one has committed (by rank 0; with ``async_`` once
-    the background save is done). ``restore(...)`` loads the newest one, if any, and returns its
-    ``extra``. Collective like ``save``/``load``: call every method on every rank.
+    the background save is done), and only checkpoints of this manager's run: every save records the
+    ``run`` (given, or taken from the checkpoint ``restore`` resumed from, or new), so a second job
+    pointed at the same root by mistake never deletes the first one's checkpoints (and a save into a
+    step directory the other job committed fails with ``FileExistsError``). ``restore(...)`` loads the
+    newest one every rank sees, if any, and returns its ``extra``; if that one is deleted while it is
+    read (another job's retention), the next newest is tried. Collective like ``save``/``load``
+    (``process_group`` as theirs): call every method on every rank.
     """
 
     def __init__(
@@ -74,6 +88,8 @@ class CheckpointManager:
         *,
         async_: bool = False,
         storage_options: dict[str, Any] | None = None,
+        run: str | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -87,6 +103,9 @@ class CheckpointManager:
         self._storage = Storage(root, storage_options)
         self._rank = 0
         self._retention_due = False  # a save committed (or in flight) since the last retention
+        self.run = run
+        self.process_group = process_group
+        self.restored: str | None = None  # the URL ``restore`` loaded
 
     def url_for(self, step: int) -> str:
         return self._storage.url_of(step_directory(step))
@@ -96,8 +115,11 @@ class CheckpointManager:
         as step ``step``; then retention. Returns the checkpoint's URL."""
         self.wait()
         url = self.url_for(step)
-        save(url, **components, async_=self.async_, storage_options=self.storage_options, step=step, metric=metric)
-        self._rank = comm_of(components.get("optimizer")).rank
+        if self.run is None:
+            self.run = secrets.token_hex(8)
+        save(url, **components, async_=self.async_, storage_options=self.storage_options, step=step, metric=metric,
+             run=self.run, process_group=self.process_group)
+        self._rank = comm_of(components.get("optimizer"), self.process_group).rank
         self._retention_due = True
         if not self.async_:
             self._apply_retention()
@@ -112,15 +134,42 @@ class CheckpointManager:
         return latest(self.root, self.storage_options)
 
     def restore(self, **components: Any) -> Any:
-        """Load the newest checkpoint into ``components`` and return its ``extra``; None if there is none."""
-        url = self.latest()
-        return None if url is None else load(url, **components, storage_options=self.storage_options)
+        """Load the newest checkpoint into ``components`` and return its ``extra``; None if there is none.
+
+        Every rank loads the same one: the ranks agree on the newest step they all see (listings can
+        lag on some storages) and retry together when it is deleted while being read. Its URL is left
+        in ``restored``, and this manager's run continues its run.
+        """
+        comm = comm_of(components.get("optimizer"), self.process_group)
+        for _ in range(RESTORE_ATTEMPTS):
+            found = committed(self.root, self.storage_options)
+            newest = found[-1][0] if found else _NOTHING
+            if agree(comm, newest, "max") != -agree(comm, -newest, "max"):
+                logger.warning("%s: the ranks list different newest checkpoints; listing again", self.root)
+                time.sleep(RELIST_DELAY_S)
+                continue
+            if newest == _NOTHING:
+                return None
+            _, name, manifest = found[-1]
+            url = self._storage.url_of(name)
+            try:
+                extra = load(url, **components, storage_options=self.storage_options,
+                             process_group=self.process_group)
+            except Exception as error:
+                if not agree(comm, int(isinstance(error, (FileNotFoundError, IncompleteCheckpointError)))):
+                    raise
+                logger.warning("%s went away while it was read; trying the newest again", url)
+                continue
+            self.restored = url
+            self.run = self.run or manifest.run
+            return extra
+        raise CheckpointError(f"{self.root}: no checkpoint could be agreed on and read in {RESTORE_ATTEMPTS} tries")
 
     def _apply_retention(self) -> None:
         due, self._retention_due = self._retention_due, False
         if not due or self._rank != 0 or (self.keep_last is None and self.keep_best is None):
             return
-        found = committed(self.root, self.storage_options)
+        found = [entry for entry in committed(self.root, self.storage_options) if entry[2].run == self.run]
         keep = {name for _, name, _ in found[-self.keep_last:]} if self.keep_last else {name for _, name, _ in found}
         if self.keep_best:
             rated = [entry for entry in found if entry[2].metric is not None]

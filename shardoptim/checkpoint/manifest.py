@@ -39,6 +39,18 @@ def shared_file(save_id: str) -> str:
     return f"shared.{save_id}.safetensors"
 
 
+_SAVE_FILE = re.compile(
+    r"\.?(rank\d{5}-of-\d{5}\.[0-9a-f]{12}\.safetensors|shared\.[0-9a-f]{12}\.safetensors"
+    r"|record-rank\d{5}\.[0-9a-f]{12}\.json)(\.tmp-[0-9a-f]+)?"
+)
+
+
+def is_save_file(name: str) -> bool:
+    """Whether ``name`` is one a save writes (a rank's file, the shared one, a record, or one of
+    their temporaries), as opposed to a file of the user's next to them."""
+    return _SAVE_FILE.fullmatch(name) is not None
+
+
 def record_file(rank: int, save_id: str) -> str:
     """Where rank ``rank`` leaves the record of its file for rank 0 to put in the manifest."""
     return f"record-rank{rank:05d}.{save_id}.json"
@@ -84,6 +96,7 @@ class Manifest:
     extra: Any = None
     step: int | None = None
     metric: float | None = None
+    run: str | None = None
 
     @property
     def topology(self) -> str:
@@ -93,7 +106,7 @@ class Manifest:
         return encode_json(
             {
                 "format": FORMAT, "version": VERSION, "save_id": self.save_id, "world_size": self.world_size,
-                "step": self.step, "metric": self.metric, "topology": self.topology, "params": self.params,
+                "step": self.step, "metric": self.metric, "run": self.run, "topology": self.topology, "params": self.params,
                 "optimizer": self.optimizer, "model": self.model, "schedulers": self.schedulers, "ema": self.ema,
                 "rng": self.rng, "extra": self.extra,
                 "files": {name: record.to_dict() for name, record in self.files.items()},
@@ -106,8 +119,8 @@ class Manifest:
         """Decode and check a manifest; ``CheckpointFormatError`` naming ``source`` and the field otherwise."""
         tree = decode_json(data, source=source)
         top = _fields(tree, {"format", "version", "save_id", "world_size", "files"},
-                      {"step", "metric", "topology", "params", "optimizer", "model", "schedulers", "ema", "rng",
-                       "extra"}, source)
+                      {"step", "metric", "run", "topology", "params", "optimizer", "model", "schedulers", "ema",
+                       "rng", "extra"}, source)
         if top["format"] != FORMAT:
             raise CheckpointFormatError(f"{source}: not a shardoptim checkpoint manifest (format {top['format']!r})")
         if top["version"] != VERSION:
@@ -138,6 +151,7 @@ class Manifest:
             extra=top.get("extra"),
             step=None if top.get("step") is None else _int(top["step"], f"{source}: step", 0, 1 << 62),
             metric=_metric(top.get("metric"), source),
+            run=_run(top.get("run"), source),
         )
         if "topology" in top and top["topology"] != manifest.topology:
             raise CheckpointFormatError(f"{source}: the topology digest does not match the parameter table")
@@ -170,6 +184,12 @@ def _list(value: Any, where: str) -> list[Any]:
 def _object_or_none(value: Any, where: str) -> dict[str, Any] | None:
     if value is not None and not isinstance(value, dict):
         raise CheckpointFormatError(f"{where}: expected an object or null, got {type(value).__name__}")
+    return value
+
+
+def _run(value: Any, source: str) -> str | None:
+    if value is not None and (not isinstance(value, str) or len(value) > 200):
+        raise CheckpointFormatError(f"{source}: run must be a string of at most 200 characters, got {value!r:.80}")
     return value
 
 

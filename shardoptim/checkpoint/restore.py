@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..core import HyperParams, Optimizer, plan_copies
@@ -38,18 +39,19 @@ def load(
     ema: ShardedEMA | AveragedModel | None = None,
     strict: bool = True,
     storage_options: dict[str, Any] | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> Any:
     """Restore what ``save`` wrote at ``url`` into the objects given; return the saved ``extra``.
 
-    Collective when the optimizer has a process group (call it on every rank), at any world size:
-    each rank reads its own part. The optimizer, model and EMA must be built as they were saved
+    Collective over the same ranks as ``save`` (call it on every rank), at any world size: each rank
+    reads its own part. The optimizer, model and EMA must be built as they were saved
     (same parameters in the same order; checked, naming the first difference). ``strict``: the
     model's ``state_dict()`` keys and the number of schedulers must match the checkpoint's exactly;
     otherwise what matches is loaded and the rest left. Nothing changes unless everything could be
     read and checked on every rank.
     """
     wait_for_saves()
-    comm = comm_of(optimizer)
+    comm = comm_of(optimizer, process_group)
     steps: list[Callable[[], None]] = []
     error: BaseException | None = None
     try:
@@ -124,7 +126,8 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
         initial = optimizer.rule.state(h) if optimizer.rule is not None else {}
         names = _names_covering(checkpoint, bucket.layout)
         target_bucket["state"] = {
-            name: torch.full_like(bucket.shard_param, _initial(initial.get(name, 0.0), bucket.shard_param))
+            name: torch.full_like(bucket.shard_param, _initial(initial.get(name, 0.0), bucket.shard_param),
+                                  dtype=bucket.state.dtype)  # wider than the parameters under state_dtype
             for name in names
         }
     for copy_ in copies:
@@ -164,8 +167,12 @@ def _same_family(saved: str, optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _copies(checkpoint: Checkpoint, optimizer: Optimizer, rank: int) -> list:
+    """The ranged reads that fill this rank's part of every bucket; a rank of an optimizer whose
+    buckets are whole (one that cannot shard, under a process group) fills them all, as rank 0."""
     mine = [bucket.layout for bucket in optimizer.buckets]
-    return plan_copies(layouts(checkpoint.buckets), mine, rank) if mine else []
+    if not mine:
+        return []
+    return plan_copies(layouts(checkpoint.buckets), mine, rank if mine[0].is_sharded else 0)
 
 
 def _fill(checkpoint: Checkpoint, copy_: Any, name: str, target: Tensor) -> None:

@@ -142,7 +142,9 @@ def _rank_tensors(
     """Rank ``rank``'s shards of every new bucket it writes: state, parameters and a sharded EMA."""
     initial = _initial_values(checkpoint)
     with_ema = (checkpoint.manifest.ema or {}).get("kind") == "sharded"
-    copies = plan_copies(layouts(checkpoint.buckets), new_layouts, rank) if new_layouts else []
+    # Every layout has the same number of shards; ranks past it (a replicated optimizer's) write none.
+    owns = bool(new_layouts) and rank < new_layouts[0].world_size
+    copies = plan_copies(layouts(checkpoint.buckets), new_layouts, rank) if owns else []
     tensors: dict[str, Tensor] = {}
     for position, (layout, entry) in enumerate(zip(new_layouts, buckets)):
         if not (layout.is_sharded or rank == 0):
@@ -165,7 +167,7 @@ def _rank_tensors(
 def _initial_values(checkpoint: Checkpoint) -> Any:
     """Per group, the value each state tensor starts at (what ``load`` puts where nothing was saved)."""
     saved = checkpoint.manifest.optimizer or {}
-    import shardoptim
+    import shardoptim  # here: shardoptim imports this package while it initialises
 
     cls = getattr(shardoptim, str(saved.get("algorithm")), None)
     rule = getattr(cls, "rule", None)

@@ -24,14 +24,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..core import Comm, LocalComm, Optimizer
+from ..core import Comm, LocalComm, Optimizer, ShardingConfig
+from ..core.distributed import ProcessGroupComm
 from ..ema import AveragedModel, ShardedEMA
 from .capture import Snapshot, capture
 from .errors import CheckpointError
 from .json_codec import decode_json, encode_json
-from .manifest import MANIFEST, Manifest, record_file, shard_file, shared_file
+from .manifest import MANIFEST, Manifest, is_save_file, record_file, shard_file, shared_file
 from .storage import Storage
 from .tensorfile_record import TensorFileRecord
 from .tensorfile_writer import write_tensor_file
@@ -45,9 +47,23 @@ _pending: _SaveJob | None = None
 _pending_lock = threading.Lock()
 
 
-def comm_of(optimizer: Any) -> Comm:
-    """The ranks a checkpoint of ``optimizer`` is collective over (none without a process group)."""
-    return optimizer.comm if isinstance(optimizer, Optimizer) else LocalComm()
+def comm_of(optimizer: Any, process_group: dist.ProcessGroup | None = None) -> Comm:
+    """The ranks a checkpoint is collective over: ``process_group`` if given, else a sharded
+    optimizer's group, else the default group when torch.distributed is initialized (a replicated
+    optimizer under DDP: rank 0 writes what every rank holds, each rank its generators), else this
+    process alone."""
+    own = optimizer.comm if isinstance(optimizer, Optimizer) else LocalComm()
+    if process_group is None:
+        if own.world_size > 1 or not (dist.is_available() and dist.is_initialized()):
+            return own
+        process_group = dist.group.WORLD
+    comm = ProcessGroupComm(process_group, ShardingConfig())
+    if own.world_size > 1 and (own.world_size, own.rank) != (comm.world_size, comm.rank):
+        raise ValueError(
+            f"process_group (rank {comm.rank} of {comm.world_size}) is not the sharded optimizer's group "
+            f"(rank {own.rank} of {own.world_size})"
+        )
+    return own if own.world_size > 1 else comm
 
 
 def agree(comm: Comm, value: int, how: str = "max") -> int:
@@ -70,19 +86,23 @@ def save(
     overwrite: bool = False,
     step: int | None = None,
     metric: float | None = None,
+    run: str | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> None:
     """Save a checkpoint to ``url`` (a local path or any fsspec URL): the model's parameters and
     buffers, the optimizer, the schedulers, the EMA, every rank's RNG states and ``extra`` (JSON data:
     step, epoch, data-loader position).
 
-    Collective when the optimizer has a process group: call it on every rank. Each rank writes about
-    1/N of the optimizer's bytes; nothing is gathered. Raises ``FileExistsError`` (on every rank)
+    Collective over the job: call it on every rank when the optimizer is sharded or torch.distributed
+    is initialized (``process_group`` narrows it to a group; see ``comm_of``). Each rank writes about
+    1/N of a sharded optimizer's bytes; nothing is gathered. Raises ``FileExistsError`` (on every rank)
     when a committed checkpoint is at ``url``, unless ``overwrite``. ``step`` and ``metric`` are
-    recorded for ``latest()`` and ``CheckpointManager``'s retention. With ``async_=True`` this returns
+    recorded for ``latest()`` and ``CheckpointManager``'s retention, ``run`` for the manager to tell
+    its checkpoints from another job's under the same root. With ``async_=True`` this returns
     once the tensors are copied to host memory; ``wait()`` waits for the commit.
     """
     wait()
-    comm = comm_of(optimizer)
+    comm = comm_of(optimizer, process_group)
     storage = Storage(url, storage_options)
     save_id = f"{agree(comm, secrets.randbits(47) if comm.rank == 0 else 0, 'sum'):012x}"
     if agree(comm, int(comm.rank == 0 and storage.exists(MANIFEST))) and not overwrite:
@@ -92,7 +112,7 @@ def save(
         ema=ema, extra=extra,
     )
     encode_json(snapshot.manifest)  # not JSON data (extra, a scheduler's state): refused before writing
-    job = _SaveJob(storage, snapshot, save_id, step=step, metric=metric, overwrite=overwrite)
+    job = _SaveJob(storage, snapshot, save_id, step=step, metric=metric, run=run, overwrite=overwrite)
     if async_:
         job.snapshot = snapshot.on_host()
         _start(job)
@@ -100,11 +120,13 @@ def save(
     job.write_own_files()
     failed = agree(comm, int(job.error is not None), "sum")
     if failed:
-        raise CheckpointError(f"{storage.url}: {failed} rank(s) could not write their files") from job.error
+        why = f": {job.error}" if job.error is not None else " (see their logs)"
+        raise CheckpointError(f"{storage.url}: {failed} rank(s) could not write their files{why}") from job.error
     if comm.rank == 0:
         job.commit()
     if agree(comm, int(job.error is not None)):
-        raise CheckpointError(f"{storage.url}: the checkpoint was not committed") from job.error
+        why = f": {job.error}" if job.error is not None else " (see rank 0's log)"
+        raise CheckpointError(f"{storage.url}: the checkpoint was not committed{why}") from job.error
 
 
 def wait() -> None:
@@ -128,12 +150,12 @@ class _SaveJob:
 
     def __init__(
         self, storage: Storage, snapshot: Snapshot, save_id: str, *, step: int | None, metric: float | None,
-        overwrite: bool,
+        run: str | None, overwrite: bool,
     ) -> None:
         self.storage = storage
         self.snapshot = snapshot
         self.save_id = save_id
-        self.step, self.metric, self.overwrite = step, metric, overwrite
+        self.step, self.metric, self.run, self.overwrite = step, metric, run, overwrite
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -178,7 +200,7 @@ class _SaveJob:
                 save_id=self.save_id, world_size=world, files=files, params=parts.get("params", []),
                 optimizer=parts.get("optimizer"), model=parts.get("model"), schedulers=parts.get("schedulers", []),
                 ema=parts.get("ema"), rng=[record["rng"] for record in records], extra=parts.get("extra"),
-                step=self.step, metric=self.metric,
+                step=self.step, metric=self.metric, run=self.run,
             )
             if self.overwrite and self.storage.exists(MANIFEST):
                 self.storage.delete(MANIFEST)
@@ -203,13 +225,16 @@ class _SaveJob:
         return record
 
     def _tidy(self, manifest: Manifest) -> None:
-        """After the commit: the records go, and (overwriting) the files of the replaced checkpoint."""
+        """After the commit: the records go, and what no manifest will point to: the files of an
+        earlier save into this directory that died (a preempted job retrying its step) and, when
+        overwriting, everything of the replaced checkpoint."""
         for rank in range(manifest.world_size):
             self.storage.delete(record_file(rank, self.save_id), missing_ok=True)
-        if self.overwrite:
-            for name in self.storage.list():
-                if name != MANIFEST and name not in manifest.files and self.save_id not in name:
-                    self.storage.delete(name, recursive=True, missing_ok=True)
+        for name in self.storage.list(include_temporary=True):
+            if name == MANIFEST or name in manifest.files:
+                continue
+            if is_save_file(name) or (self.overwrite and self.save_id not in name):
+                self.storage.delete(name, recursive=True, missing_ok=True)
 
     # -- in the background ----------------------------------------------------------------------
 
