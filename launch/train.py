@@ -20,8 +20,16 @@ instead). Every rank draws its own random windows of it; the optimizer averages 
 state for its shard of the parameters and gathers the updated parameters (``docs/distributed.md``).
 Rank 0 prints the loss averaged over ranks and the last ``--log-every`` steps.
 
-The pieces (``Config``, ``build_model``, ``build_optimizer``, ``train``) are separate functions so
-checkpointing and resuming can be added around ``train``'s loop.
+Checkpoints and resuming (``--ckpt-dir``): every ``--save-every`` steps the model, the optimizer (each
+rank its own shard), the schedule, the EMA, every rank's generators and the loop's position are saved
+with ``shardoptim.checkpoint``; started again with the same ``--ckpt-dir``, the script resumes from the
+newest complete checkpoint there and continues exactly as if it had never stopped (each batch is drawn
+from a generator seeded by (seed, rank, step), so the data order needs no saved position). Under
+``torchrun --max-restarts 1``, a rank that dies is restarted with its peers and the job resumes::
+
+    torchrun --standalone --nproc-per-node 2 --max-restarts 1 launch/train.py --ckpt-dir runs/demo --kill-at-step 170
+
+(``--kill-at-step`` simulates the preemption: rank 1 SIGKILLs itself in that step, first attempt only.)
 """
 
 from __future__ import annotations
@@ -30,9 +38,12 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import hashlib
 import inspect
+import json
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -41,10 +52,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import shardoptim
+import shardoptim.checkpoint
+import shardoptim.ema
 import shardoptim.sched
 
 
@@ -98,6 +112,29 @@ class Config:
     """Sentences of generated text."""
     sample: int = 120
     """Characters to generate from the trained model at the end (0: none)."""
+    dropout: float = 0.0
+    """Dropout in the blocks; its masks come from each rank's own torch generator (checkpoints save it)."""
+    ema: float = 0.0
+    """Keep a shardoptim.ema.ShardedEMA of the weights with this decay and sample with it (0: none)."""
+    ckpt_dir: str = ""
+    """Checkpoint under this directory or fsspec URL (s3://...); on start, resume from the newest one there."""
+    save_every: int = 50
+    """Save a checkpoint every this many steps and after the last one (with --ckpt-dir)."""
+    keep: int = 2
+    """Keep the newest this many checkpoints (0: all)."""
+    async_save: bool = False
+    """Write checkpoints in the background while training goes on (waited for before exiting)."""
+    kill_at_step: int = 0
+    """Simulated preemption: rank 1 (rank 0 alone) SIGKILLs itself in this step, in torchrun's first attempt only."""
+    stop_at_step: int = 0
+    """End this run after this step with a checkpoint, on --steps' schedule: a later run resumes it."""
+    final_state: str = ""
+    """Write the final model, optimizer and EMA state to this safetensors file (rank 0), to compare runs."""
+
+
+#: Options that steer one run and may differ between a run and the one resuming it.
+RUN_CONTROL = frozenset({"ckpt_dir", "save_every", "keep", "async_save", "kill_at_step", "stop_at_step", "final_state",
+                         "log_every", "sample"})
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -131,6 +168,11 @@ def generated_text(sentences: int, seed: int) -> str:
     return " ".join(out) + "\n"
 
 
+def stream_seed(*parts: object) -> int:
+    """A seed of its own for each tuple of ``parts`` (seed, rank, step, ...): streams that need no state."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
 class CharData:
     """A text as character ids; ``batch`` draws random windows of it (inputs and next characters)."""
 
@@ -152,20 +194,21 @@ class CharData:
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.heads = heads
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(self.ln_1(x)).split(width, dim=2)
         q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.drop(self.proj(attended.transpose(1, 2).reshape(batch, length, width)))
+        return x + self.drop(self.mlp(self.ln_2(x)))
 
 
 class CharTransformer(nn.Module):
@@ -175,7 +218,7 @@ class CharTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, config.d_model)
         self.position = nn.Embedding(config.seq_len, config.d_model)
-        self.blocks = nn.ModuleList(Block(config.d_model, config.heads) for _ in range(config.layers))
+        self.blocks = nn.ModuleList(Block(config.d_model, config.heads, config.dropout) for _ in range(config.layers))
         self.ln_f = nn.LayerNorm(config.d_model)
         for module in self.modules():  # GPT-2's initialisation: small weights keep the first logits near 0
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -238,7 +281,99 @@ def sample(model: nn.Module, data: CharData, config: Config, device: torch.devic
     return data.decode(ids)
 
 
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """The loop's position, saved in a checkpoint's ``extra``: steps done, the logged losses, and each
+    rank's loss sum and count since the last log line (so a resumed run logs the same numbers)."""
+
+    step: int
+    losses: list[float]
+    window: Tensor
+
+
+def save_checkpoint(manager: shardoptim.checkpoint.CheckpointManager, components: dict, progress: Progress,
+                    config: Config, world: int, log) -> None:
+    """Every rank: its shards, its generators, and ``progress`` (every rank's loss window) as ``extra``."""
+    windows = [progress.window.clone() for _ in range(world)]
+    if world > 1:
+        dist.all_gather(windows, progress.window)
+    extra = {"step": progress.step, "losses": progress.losses, "loss_windows": [w.tolist() for w in windows],
+             "config": dataclasses.asdict(config)}
+    started = time.perf_counter()
+    url = manager.save(progress.step, **components, extra=extra)
+    took = (time.perf_counter() - started) * 1e3
+    how = "saving in the background to" if config.async_save else "saved to"
+    log(f"step {progress.step:5d}  checkpoint {how} {url} ({took:.0f} ms)", flush=True)
+
+
+def resume(url: str, extra: dict, config: Config, rank: int, world: int, device: torch.device, log) -> Progress:
+    """The loop's position saved with the checkpoint at ``url`` (``extra``), for this rank."""
+    windows = extra["loss_windows"]
+    if len(windows) == world:
+        window = torch.tensor(windows[rank], dtype=torch.float64, device=device)
+    else:  # another world size: rank 0 carries the whole interval's sums
+        window = torch.tensor([sum(w[0] for w in windows), sum(w[1] for w in windows)] if rank == 0 else [0.0, 0.0],
+                              dtype=torch.float64, device=device)
+    log(f"resumed from {url}: step {extra['step']} of {config.steps}, saved by {len(windows)} rank(s)", flush=True)
+    changed = [f"--{name.replace('_', '-')} {getattr(config, name)} (saved: {value})"
+               for name, value in extra["config"].items()
+               if name not in RUN_CONTROL and hasattr(config, name) and getattr(config, name) != value]
+    if changed:
+        log(f"note: resuming with other options than the saved run's: {', '.join(changed)}; the schedule, "
+            f"optimizer state and weights are the saved ones", flush=True)
+    return Progress(extra["step"], list(extra["losses"]), window)
+
+
+def write_final_state(path: str, model: nn.Module, opt: shardoptim.Optimizer, scheduler: shardoptim.sched.LRScheduler,
+                      ema: shardoptim.ema.ShardedEMA | None, rank: int) -> None:
+    """The model's, the optimizer's (gathered: collective) and the EMA's tensors in one safetensors file,
+    written by rank 0, with the learning rate and the parameter groups in its metadata: two runs ended in
+    the same state exactly when their files hold the same tensors."""
+    def host_copies(prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}.{key}": value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+
+    optimizer_state = opt.state_dict()
+    tensors = host_copies("model")
+    for index, state in optimizer_state["state"].items():
+        for name, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().to("cpu", copy=True)
+    metadata = {"lr": json.dumps(scheduler.get_last_lr()),
+                "param_groups": json.dumps(optimizer_state["param_groups"], default=repr)}
+    if ema is not None:
+        with ema.averaged():
+            tensors.update(host_copies("ema"))
+        metadata["ema_updates"] = str(ema.num_updates)
+    if rank == 0:
+        save_file(tensors, path, metadata)
+
+
 # -- the loop ---------------------------------------------------------------------------------------
+
+
+def init_distributed(backend: str) -> None:
+    """``dist.init_process_group(backend)`` from torchrun's environment, in a namespace of the store
+    of its own for each start of the ranks.
+
+    torchrun keeps one store for the whole job, across restarts (``--max-restarts``), and a process
+    group created in it leaves its keys there: a restarted rank can read the address its dead peer
+    published in the attempt before and fail to connect (torch 2.13, about one restart in two here;
+    pytorch/pytorch#135712). So each rank counts its starts in the store; the ranks of one attempt
+    count the same (torchrun restarts them all together, even where nodes' restart counts differ), and
+    the count prefixes the process group's keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        dist.init_process_group(backend)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=dist.constants.default_pg_timeout)
+    start = store.add(f"launch/train.py/starts/rank{rank}", 1)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"launch/train.py/start{start}", store), rank=rank,
+                            world_size=world)
 
 
 def train(config: Config) -> list[float]:
@@ -251,7 +386,7 @@ def train(config: Config) -> list[float]:
     if distributed:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        init_distributed(backend)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     log = print if rank == 0 else (lambda *args, **kwargs: None)
@@ -260,6 +395,7 @@ def train(config: Config) -> list[float]:
         text = Path(config.text).read_text() if config.text else generated_text(config.sentences, config.seed)
         data = CharData(text)
         model = build_model(len(data.alphabet), config, device)
+        torch.manual_seed(stream_seed(config.seed, rank, "dropout"))  # each rank its own dropout masks
         use_ddp = config.ddp == "on" and distributed
         trained: nn.Module = DistributedDataParallel(model) if use_ddp else model
         process_group = dist.group.WORLD if distributed and config.sharded == "on" else None
@@ -267,49 +403,88 @@ def train(config: Config) -> list[float]:
             raise SystemExit("--sharded off needs --ddp on: something must average the gradients")
         opt = build_optimizer(model, config, process_group, reduce_grads=not use_ddp)
         scheduler = build_scheduler(opt, config)
+        ema = shardoptim.ema.ShardedEMA(opt, decay=config.ema) if config.ema else None
         params = sum(p.numel() for p in model.parameters())
         log(f"{world} rank(s), {backend} on {device.type}, {config.optimizer} "
             f"(sharded: {process_group is not None}, ddp: {use_ddp}), {params} parameters, "
             f"{len(data.ids)} characters, alphabet of {len(data.alphabet)}", flush=True)
-
-        gen = torch.Generator().manual_seed(config.seed * 1000 + rank + 1)
-        losses: list[float] = []
-        window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, steps
-        started = last = time.perf_counter()
         log(f"optimizer memory per rank (bytes):\n{opt.memory_report()}", flush=True)
-        for step in range(config.steps):
+
+        components = {"model": model, "optimizer": opt, "schedulers": [scheduler], "ema": ema}
+        progress = Progress(0, [], torch.zeros(2, dtype=torch.float64, device=device))  # loss sum, steps
+        manager = None
+        if config.ckpt_dir:
+            manager = shardoptim.checkpoint.CheckpointManager(config.ckpt_dir, keep_last=config.keep or None,
+                                                              async_=config.async_save)
+            extra = manager.restore(**components)  # every rank loads the same one (they agree)
+            if extra is None:
+                log(f"no checkpoint under {config.ckpt_dir} yet: starting at step 0", flush=True)
+            else:
+                progress = resume(manager.restored, extra, config, rank, world, device, log)
+        stop = min(config.steps, config.stop_at_step or config.steps)
+        victim = rank == min(1, world - 1) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+        if progress.step >= stop:
+            log(f"nothing to train: step {progress.step} reached", flush=True)
+        first_step = progress.step
+        started = last = time.perf_counter()
+        timed = 0  # steps since `last`
+        for step in range(progress.step, stop):
             for micro in range(config.grad_accum):
-                inputs, targets = data.batch(config.batch_size, config.seq_len, gen, device)
+                batch_gen = torch.Generator().manual_seed(stream_seed(config.seed, rank, step, micro))
+                inputs, targets = data.batch(config.batch_size, config.seq_len, batch_gen, device)
                 quiet = micro < config.grad_accum - 1
                 with (trained.no_sync() if use_ddp else opt.no_sync()) if quiet else contextlib.nullcontext():
                     logits = trained(inputs)
                     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
                     (loss / config.grad_accum).backward()
+            if step + 1 == config.kill_at_step and victim:
+                print(f"rank {rank}: simulated preemption in step {step + 1}: SIGKILL", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
             if config.clip > 0:
                 opt.clip_grad_norm_(config.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            progress.step, timed = step + 1, timed + 1
+            progress.window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            if progress.step % config.log_every == 0 or progress.step == config.steps:
                 if distributed:
-                    dist.all_reduce(window)
-                mean = (window[0] / window[1]).item()
-                losses.append(mean)
+                    dist.all_reduce(progress.window)
+                mean = (progress.window[0] / progress.window[1]).item()
+                progress.losses.append(mean)
                 now = time.perf_counter()
-                per_step = (now - last) / config.log_every * 1e3
-                tokens = world * config.batch_size * config.seq_len * config.log_every / (now - last)
-                log(f"step {step + 1:5d}/{config.steps}  loss {mean:.4f}  lr {lr:.2e}  "
+                per_step = (now - last) / timed * 1e3
+                tokens = world * config.batch_size * config.seq_len * timed / (now - last)
+                log(f"step {progress.step:5d}/{config.steps}  loss {mean:.4f}  lr {lr:.2e}  "
                     f"{per_step:6.1f} ms/step  {tokens:8.0f} tokens/s", flush=True)
-                window.zero_()
-                last = now
-        log(f"done in {time.perf_counter() - started:.1f} s; loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
-        if config.sample and rank == 0:
-            log(f"sample: {sample(model, data, config, device)!r}", flush=True)
+                progress.window.zero_()
+                last, timed = now, 0
+            if manager is not None and ((config.save_every > 0 and progress.step % config.save_every == 0)
+                                        or progress.step == stop):
+                save_checkpoint(manager, components, progress, config, world, log)
+        if manager is not None:
+            manager.wait()  # the last save, if in the background, must commit before the job ends
+        if progress.step < config.steps:
+            log(f"stopped after step {progress.step} of {config.steps} (--stop-at-step): run again without it "
+                f"to resume", flush=True)
+        if progress.losses and progress.step > first_step:
+            ran = f"steps {first_step + 1}-{progress.step}" if first_step else f"{progress.step} steps"
+            log(f"done: {ran} in {time.perf_counter() - started:.1f} s; loss {progress.losses[0]:.3f} -> "
+                f"{progress.losses[-1]:.3f}", flush=True)
+        if config.sample:
+            with ema.averaged() if ema is not None else contextlib.nullcontext():  # collective: every rank
+                if rank == 0:
+                    weights = " (EMA weights)" if ema is not None else ""
+                    log(f"sample{weights}: {sample(model, data, config, device)!r}", flush=True)
+        if config.final_state:
+            write_final_state(config.final_state, model, opt, scheduler, ema, rank)
         if distributed:
             dist.barrier()  # tear the group down together: a rank leaving early can abort a peer's exit
-        return losses
+        return progress.losses
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -323,8 +498,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         on_off = ["on", "off"]
         choices = {"backend": ["auto", "gloo", "nccl"], "ddp": on_off, "sharded": on_off, "shard_grads": on_off,
                    "overlap": on_off, "optimizer": _trainable_algorithms()}.get(field.name)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
-                            choices=choices, help=docs.get(field.name, ""))
+        flag = f"--{field.name.replace('_', '-')}"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=docs.get(field.name, ""))
+            continue
+        parser.add_argument(flag, type=type(field.default), default=field.default, choices=choices,
+                            help=docs.get(field.name, ""))
     return Config(**vars(parser.parse_args(argv)))
 
 
