@@ -194,11 +194,13 @@ class ProcessGroupComm:
         rows = dict(zip([source for source in range(world) if sizes[source]], received.split([n for n in sizes if n])))
 
         def finish() -> None:
-            if own.data_ptr() != shard.data_ptr():
+            others = [row for source, row in rows.items() if source != rank]
+            if others:  # the first sum written straight into the shard: no separate copy of ``own``
+                torch.add(own, others[0], out=shard)
+            elif own.data_ptr() != shard.data_ptr():
                 shard.copy_(own)
-            for source, row in rows.items():
-                if source != rank:
-                    shard.add_(row)
+            for row in others[1:]:
+                shard.add_(row)
             shard.div_(world)
 
         return _Works([work], finish)
