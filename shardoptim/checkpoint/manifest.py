@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ FORMAT = "shardoptim-checkpoint"
 VERSION = 1
 _SAVE_ID = re.compile(r"[0-9a-f]{12}")
 _MAX_WORLD = 1 << 20
+MAX_RUN_CHARS = 200
 
 
 def shard_file(rank: int, world_size: int, save_id: str) -> str:
@@ -188,16 +190,17 @@ def _object_or_none(value: Any, where: str) -> dict[str, Any] | None:
 
 
 def _run(value: Any, source: str) -> str | None:
-    if value is not None and (not isinstance(value, str) or len(value) > 200):
-        raise CheckpointFormatError(f"{source}: run must be a string of at most 200 characters, got {value!r:.80}")
+    if value is not None and (not isinstance(value, str) or len(value) > MAX_RUN_CHARS):
+        raise CheckpointFormatError(
+            f"{source}: run must be a string of at most {MAX_RUN_CHARS} characters, got {value!r:.80}")
     return value
 
 
 def _metric(value: Any, source: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CheckpointFormatError(f"{source}: metric must be a number, got {value!r:.80}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointFormatError(f"{source}: metric must be a finite number, got {value!r:.80}")
     return float(value)
 
 

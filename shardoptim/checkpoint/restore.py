@@ -22,6 +22,7 @@ from ..core import HyperParams, Optimizer, plan_copies
 from ..core.state_dicts import check_shard_state, index_of_params
 from ..ema import AveragedModel, ShardedEMA
 from ..sched.state import like
+from .arguments import check_components
 from .capture import _param_table
 from .errors import CheckpointError, CheckpointFormatError
 from .reader import Checkpoint, layouts, open_checkpoint
@@ -50,6 +51,7 @@ def load(
     otherwise what matches is loaded and the rest left. Nothing changes unless everything could be
     read and checked on every rank.
     """
+    check_components(model, optimizer, schedulers, ema)
     wait_for_saves()
     comm = comm_of(optimizer, process_group)
     steps: list[Callable[[], None]] = []

@@ -63,6 +63,9 @@ class Storage:
     ) -> None:
         if not isinstance(url, (str, os.PathLike)):
             raise TypeError(f"url must be a str (a path or an fsspec URL), got {type(url).__name__}")
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise TypeError(f"storage_options must be a dict of the filesystem's options, got "
+                            f"{type(storage_options).__name__}")
         text = os.fspath(url)
         stripped = text.rstrip("/")
         self.url = text if not stripped or stripped.endswith(":") else stripped  # keep "/" and "memory://"

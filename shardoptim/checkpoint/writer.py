@@ -30,6 +30,7 @@ from torch import nn
 from ..core import Comm, LocalComm, Optimizer, ShardingConfig
 from ..core.distributed import ProcessGroupComm
 from ..ema import AveragedModel, ShardedEMA
+from .arguments import check_components, check_records
 from .capture import Snapshot, capture
 from .errors import CheckpointError
 from .json_codec import decode_json, encode_json
@@ -101,6 +102,8 @@ def save(
     its checkpoints from another job's under the same root. With ``async_=True`` this returns
     once the tensors are copied to host memory; ``wait()`` waits for the commit.
     """
+    check_components(model, optimizer, schedulers, ema)
+    check_records(step, metric, run)
     wait()
     comm = comm_of(optimizer, process_group)
     storage = Storage(url, storage_options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,8 +73,10 @@ class ShardingConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         timeout = self.collective_timeout_s
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-            raise ValueError(f"collective_timeout_s must be a positive number of seconds or None, got {timeout!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < math.inf):
+            raise ValueError(f"collective_timeout_s must be a positive, finite number of seconds or None (the "
+                             f"process group's own timeout), got {timeout!r}")
         if isinstance(self.exchanges_in_flight, bool) or not isinstance(self.exchanges_in_flight, int) or (
             self.exchanges_in_flight < 1
         ):

@@ -101,6 +101,9 @@ class ProcessGroupComm:
     """``Comm`` over a process group, with the collectives ``config`` chooses for each backend."""
 
     def __init__(self, process_group: dist.ProcessGroup, config: ShardingConfig) -> None:
+        if dist.is_available() and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (dist.group.WORLD, "
+                            f"dist.new_group(...)), got {type(process_group).__name__}")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("process_group was given but torch.distributed is not initialized")
         # Held weakly: after dist.destroy_process_group() the group must go at once, not at interpreter
