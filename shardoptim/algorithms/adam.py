@@ -70,7 +70,7 @@ class Adam(Optimizer):
 
     The update is written out in :func:`update`; the fused implementation (the default on CPU and
     CUDA) is torch's fused Adam kernel once per bucket. Implementations, sharding and the arguments
-    of ours (``process_group``, ``reduce_grads``, ``sharding``) are described on
+    of ours (``process_group``, ``reduce_grads``, ``sharding``, ``state_dtype``) are described on
     :class:`shardoptim.Optimizer`.
     """
 
@@ -94,6 +94,7 @@ class Adam(Optimizer):
         process_group: Any = None,
         reduce_grads: bool = True,
         sharding: ShardingConfig | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults, runtime = split_arguments(locals())
         super().__init__(params, defaults, **runtime)
@@ -119,9 +120,10 @@ class AdamW(Adam):
         process_group: Any = None,
         reduce_grads: bool = True,
         sharding: ShardingConfig | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            process_group=process_group, reduce_grads=reduce_grads, sharding=sharding,
+            process_group=process_group, reduce_grads=reduce_grads, sharding=sharding, state_dtype=state_dtype,
         )

@@ -13,7 +13,7 @@ from typing import Any
 from ..core import HyperParams
 
 #: Constructor arguments of ours, not torch's hyper-parameters: where and how the optimizer runs.
-RUNTIME_ARGUMENTS = ("process_group", "reduce_grads", "sharding")
+RUNTIME_ARGUMENTS = ("process_group", "reduce_grads", "sharding", "state_dtype")
 
 
 def split_arguments(arguments: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -239,13 +239,17 @@ class LBFGS(Optimizer):
         process_group: Any = None,
         reduce_grads: bool = True,
         sharding: ShardingConfig | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, max_iter=max_iter, max_eval=max_iter * 5 // 4 if max_eval is None else max_eval,
             tolerance_grad=tolerance_grad, tolerance_change=tolerance_change, history_size=history_size,
             line_search_fn=line_search_fn,
         )
-        super().__init__(params, defaults, process_group=process_group, reduce_grads=reduce_grads, sharding=sharding)
+        super().__init__(
+            params, defaults, process_group=process_group, reduce_grads=reduce_grads, sharding=sharding,
+            state_dtype=state_dtype,
+        )
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
 

@@ -6,6 +6,7 @@ import types
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..core import HyperParams, Optimizer, ShardingConfig, UpdateRule
@@ -93,6 +94,7 @@ class RAdam(Optimizer):
         process_group: Any = None,
         reduce_grads: bool = True,
         sharding: ShardingConfig | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults, runtime = split_arguments(locals())
         super().__init__(params, defaults, **runtime)

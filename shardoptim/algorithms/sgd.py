@@ -119,6 +119,7 @@ class SGD(Optimizer):
         process_group: Any = None,
         reduce_grads: bool = True,
         sharding: ShardingConfig | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults, runtime = split_arguments(locals())
         super().__init__(params, defaults, **runtime)

@@ -128,7 +128,8 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
         initial = optimizer.rule.state(h) if optimizer.rule is not None else {}
         names = _names_covering(checkpoint, bucket.layout)
         target_bucket["state"] = {
-            name: torch.full_like(bucket.shard_param, _initial(initial.get(name, 0.0), bucket.shard_param))
+            name: torch.full_like(bucket.shard_param, _initial(initial.get(name, 0.0), bucket.shard_param),
+                                  dtype=bucket.state.dtype)  # wider than the parameters under state_dtype
             for name in names
         }
     for copy_ in copies:

@@ -36,7 +36,8 @@ class FlatBucket:
     ``shard_param`` and ``shard_grad`` are this rank's range. Sharded with ``shard_grads`` (ZeRO-2),
     ``shard_grad`` is a buffer of its own and ``flat_grad`` exists only from a step's first gradient
     until ``release_grads()``; otherwise ``shard_grad`` is a view of ``flat_grad``, which persists.
-    ``state`` is the optimizer state of the shard.
+    ``state`` is the optimizer state of the shard, in ``state_dtype`` when given (wider than the
+    parameters: it then holds a master copy of ``shard_param``, :mod:`shardoptim.core.master`).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class FlatBucket:
         shard_grads: bool = False,
         on_grad_ready: Callable[[FlatBucket, int], None] | None = None,
         on_grad_arriving: Callable[[FlatBucket, int], None] | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         self.layout = layout
         self.params = list(params)
@@ -55,7 +57,6 @@ class FlatBucket:
         self.start, self.stop = layout.shard_range(rank)
         self.segments: tuple[Segment, ...] = layout.segments(rank)
         self._segment_by_slot = {segment.slot: segment for segment in self.segments}
-        self.state = ShardState(layout, rank)
         self.keeps_large_grads = False
         #: Extra updates per step of a parameter listed more than once in its group (torch updates it
         #: once per listing), by position.
@@ -69,6 +70,7 @@ class FlatBucket:
         kwargs = {"dtype": layout.dtype, "device": layout.device}
         self.flat_param = torch.zeros(layout.numel, **kwargs)
         self.shard_param = self.flat_param[self.start : self.stop]
+        self.state = ShardState(layout, rank, dtype=state_dtype, params=self.shard_param)
         self.flat_grad: Tensor | None = None
         self._grad_views: list[Tensor] = []
         self._gaps = _gaps(layout)

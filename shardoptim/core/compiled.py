@@ -35,8 +35,9 @@ class CompiledUpdate:
     error; a group whose flags or constants exceed torch.compile's recompile limit runs eagerly.
     """
 
-    def __init__(self, update: Callable[..., None]) -> None:
+    def __init__(self, update: Callable[..., None], *, exact_casts: bool = False) -> None:
         self._update = update
+        self._exact_casts = exact_casts
         self._kernel: Callable[..., None] | None = None
         self._eager = False
         self._warned = False
@@ -61,9 +62,13 @@ class CompiledUpdate:
 
     def _run_compiled(self, p: Tensor, g: Tensor, states: dict[str, Tensor], h: Any, c: Any) -> None:
         if self._kernel is None:
-            self._kernel = torch.compile(self._update, dynamic=True, fullgraph=True)
+            # Inductor otherwise skips the rounding of a value cast down and used in the same kernel.
+            options = {"emulate_precision_casts": True} if self._exact_casts else None
+            self._kernel = torch.compile(self._update, dynamic=True, fullgraph=True, options=options)
+        # The numbers take the dtype the update computes in: the state's, wider than p's under state_dtype.
+        dtype = next(iter(states.values()), p).dtype
         tensor_c = types.SimpleNamespace(
-            **{name: self._as_tensor(name, value, p.device, p.dtype) for name, value in vars(c).items()}
+            **{name: self._as_tensor(name, value, p.device, dtype) for name, value in vars(c).items()}
         )
         self._kernel(p, g, types.SimpleNamespace(**states), types.SimpleNamespace(**vars(h)), tensor_c)
 
@@ -86,7 +91,7 @@ class CompiledUpdate:
 @functools.cache
 def compiled_form(rule: UpdateRule) -> CompiledUpdate:
     """The one compiled form of ``rule``'s update, shared by every optimizer using the rule."""
-    return CompiledUpdate(rule.update)
+    return CompiledUpdate(rule.update, exact_casts=rule.exact_casts)
 
 
 def _is_recompile_limit(error: Exception) -> bool:

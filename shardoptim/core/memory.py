@@ -12,8 +12,8 @@ from .bucket import FlatBucket
 class RankMemory:
     """Bytes one rank holds: ``params`` (the flat parameter buffers, whole on every rank), ``grads``
     (flat gradient buffers allocated now, plus ZeRO-2's shard buffers), ``state`` (the optimizer state
-    of its shards, step counts and scalars included) and ``padding`` (the part of ``state`` and
-    ``grads`` that holds no parameter)."""
+    of its shards, in its own dtype, a ``state_dtype`` master copy of the parameters, step counts and
+    scalars included) and ``padding`` (the part of ``state`` and ``grads`` that holds no parameter)."""
 
     rank: int
     params: int
@@ -67,10 +67,10 @@ def memory_report(buckets: Sequence[FlatBucket], world_size: int) -> MemoryRepor
             padding += (shard_padding * size if bucket.shard_grads else 0)
             if bucket.flat_grad is not None:
                 padding += bucket.padding_numel() * size
-            names = len(bucket.state.tensors)
-            state += names * shard * size + bucket.state.steps.nbytes
+            names, state_size = len(bucket.state.tensors), bucket.state.dtype.itemsize
+            state += names * shard * state_size + bucket.state.steps.nbytes
             state += sum(t.nbytes for t in bucket.state.scalars.values())
-            padding += names * shard_padding * size
+            padding += names * shard_padding * state_size
         ranks.append(RankMemory(rank, params, grads, state, padding))
     return MemoryReport(tuple(ranks))
 

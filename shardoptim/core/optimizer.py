@@ -24,6 +24,7 @@ from .full_state import gather_full_state
 from .grad_sync import GradSync
 from .hparams import Check, validate
 from .layout import BucketLayout, ParamSpec, plan_buckets
+from .master import check_state_dtype, master_rule, state_dtype_for
 from .memory import MemoryReport, memory_report
 from .rule import HyperParams, UpdateRule
 from .shard_state import ShardState
@@ -54,6 +55,24 @@ class Optimizer(torch.optim.Optimizer):
             ``add_param_group()`` become collective calls.
         reduce_grads: average gradients across ranks; ``False`` when they already are (DDP).
         sharding: a ``ShardingConfig``: bucket cap, collectives, ZeRO-2, overlap with backward.
+        state_dtype: ``None`` keeps the state in each parameter's dtype, as torch.optim. A wider
+            floating point dtype (``torch.float32`` for a bfloat16 or float16 model) keeps the state of
+            narrower parameters in it, with a master copy of them (see below); parameters already that
+            wide are unaffected. ``ValueError`` for a dtype narrower than a parameter's, one that is not
+            floating point, ``differentiable=True``, and the algorithms without an elementwise rule.
+
+    With ``state_dtype``, a bucket of narrower parameters keeps every state tensor in ``state_dtype``
+    and one more, ``state[p]["master_param"]``: ``p`` in ``state_dtype``, sharded like the rest of
+    the state (``state_dtype.itemsize`` bytes per parameter, over N ranks). The update runs on the
+    master, as it would on parameters of that dtype, from the gradient upcast (gradients stay in the
+    parameters' dtype, and are averaged across ranks in it); then ``p`` holds the master rounded to
+    its dtype. The master is what lets updates smaller than ``p``'s rounding step add up. It starts
+    as a copy of ``p`` (at ``p``'s first update, and when a loaded state dict has none), and where
+    ``p`` no longer equals the master rounded at a step (``model.load_state_dict``, an in-place edit
+    of ``p``), it restarts from ``p`` there. ``state_dict()`` and checkpoints carry it; a state dict
+    with a master loads into an optimizer without one, which ignores it. The fused implementation
+    (the default) of such a bucket is the update compiled, for every algorithm: torch's fused kernels
+    take one dtype for parameters, gradients and state.
 
     Sharded, a parameter is updated when it has a gradient on any rank; a rank where its ``.grad`` is
     None contributes zeros to the average, as DDP does for a parameter a rank's forward did not use.
@@ -84,16 +103,26 @@ class Optimizer(torch.optim.Optimizer):
         process_group: Any = None,
         reduce_grads: bool = True,
         sharding: ShardingConfig | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         # torch validates its arguments before it looks at the parameters.
         self._check_group(defaults)
-        self._setup(process_group, reduce_grads, sharding)
+        self._setup(process_group, reduce_grads, sharding, state_dtype)
         super().__init__(params, defaults)
         self._check_same_params(self.param_groups)
         self._constructed = True
         self._after_construction()
 
-    def _setup(self, process_group: Any, reduce_grads: bool, sharding: ShardingConfig | None) -> None:
+    def _setup(
+        self, process_group: Any, reduce_grads: bool, sharding: ShardingConfig | None, state_dtype: torch.dtype | None
+    ) -> None:
+        check_state_dtype(state_dtype)
+        if state_dtype is not None and self.rule is None:
+            raise ValueError(
+                f"{type(self).__name__} does not support state_dtype={state_dtype}: it keeps torch's per-parameter "
+                f"state, in the parameters' dtype"
+            )
+        self.state_dtype = state_dtype
         if sharding is None:
             sharding = ShardingConfig()
         if not isinstance(sharding, ShardingConfig):
@@ -123,7 +152,7 @@ class Optimizer(torch.optim.Optimizer):
         if not self.state_at_construction:
             return
         for bucket in self._buckets:
-            initial = self.rule.state(HyperParams.of(self.param_groups[bucket.layout.group]))
+            initial = self._bucket_rule(bucket).state(HyperParams.of(self.param_groups[bucket.layout.group]))
             bucket.state.allocate(initial)
             for position, param in enumerate(bucket.params):
                 if param not in self.state:
@@ -157,6 +186,7 @@ class Optimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             self._check_group(group)
+            self._check_state_dtype(len(self.param_groups) - 1)
             if self._constructed:
                 self._check_same_params([group])
         except Exception:
@@ -171,6 +201,30 @@ class Optimizer(torch.optim.Optimizer):
             return
         validate(group, self.rule.checks)
         check_flags(group)
+
+    def _check_state_dtype(self, index: int) -> None:
+        """Raise ``ValueError`` when ``state_dtype`` cannot be honoured for param group ``index``."""
+        if self.state_dtype is None:
+            return
+        group = self.param_groups[index]
+        if group.get("differentiable"):
+            raise ValueError(
+                f"state_dtype={self.state_dtype} is not supported with differentiable=True (param group {index}): "
+                f"such a group keeps torch's per-parameter state, in the parameters' dtype"
+            )
+        for param in group["params"]:
+            self._bucket_state_dtype(param.dtype, lambda: self._param_name(index, param))
+
+    def _bucket_state_dtype(self, dtype: torch.dtype, name: Callable[[], str]) -> torch.dtype:
+        """The state dtype of a bucket of ``dtype``; ``ValueError`` naming ``name()`` if it has none."""
+        try:
+            return state_dtype_for(dtype, self.state_dtype)
+        except ValueError as error:
+            raise ValueError(f"{name()}: {error}") from None
+
+    def _bucket_rule(self, bucket: FlatBucket) -> UpdateRule:
+        """The rule that updates ``bucket``: the algorithm's, run on a master copy when the bucket keeps one."""
+        return master_rule(self.rule) if bucket.state.keeps_master else self.rule
 
     def _per_parameter(self, group: dict[str, Any]) -> bool:
         """Whether ``group`` keeps torch's per-parameter state instead of buckets."""
@@ -201,6 +255,7 @@ class Optimizer(torch.optim.Optimizer):
             layout, params, rank=self._comm.rank if layout.is_sharded else 0,
             shard_grads=self.sharding.shard_grads, on_grad_ready=self._sync.grad_ready,
             on_grad_arriving=self._sync.grad_arriving if self._sync.overlaps else None,
+            state_dtype=self._bucket_state_dtype(layout.dtype, lambda: self._param_name(layout.group, params[0])),
         )
         # Only a torch kernel over lists can read gradients where autograd left them; sharded, the
         # gradients must be in flat_grad to be averaged.
@@ -229,7 +284,7 @@ class Optimizer(torch.optim.Optimizer):
             return
         params = [p for group in groups for p in group["params"]]
         signature = "|".join(
-            [type(self).__name__]
+            [type(self).__name__, str(self.state_dtype)]  # ranks with other state tensors would hang in state_dict()
             + [",".join(f"{tuple(p.shape)}:{p.dtype}:{p.device.type}" for p in group["params"]) for group in groups]
         )
         row = [zlib.crc32(signature.encode()), len(groups), len(params), sum(p.numel() for p in params)]
@@ -246,8 +301,8 @@ class Optimizer(torch.optim.Optimizer):
         differing = [rank for rank, other in enumerate(rows) if other != rows[0]]
         raise ValueError(
             f"ranks of the process group were given different parameters ({described}); ranks {differing} "
-            f"differ from rank 0 in count, shape, dtype or order. Every rank must pass the same parameters "
-            f"in the same order."
+            f"differ from rank 0 in count, shape, dtype or order (or state_dtype). Every rank must pass the "
+            f"same parameters in the same order."
         )
 
     # -- step -----------------------------------------------------------------------------------
@@ -323,7 +378,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def _update_shard(self, index: int, positions: list[int]) -> None:
         """Phase 3 for one bucket: its state advanced, then the update run over the shard's pieces."""
-        bucket, rule = self._buckets[index], self.rule
+        bucket = self._buckets[index]
+        rule = self._bucket_rule(bucket)
         group = self.param_groups[bucket.layout.group]
         sparse = bucket.sparse_positions.intersection(positions)
         if sparse and rule.sparse_update is None:
@@ -332,7 +388,7 @@ class Optimizer(torch.optim.Optimizer):
             sparse = set()  # GradSync densified them into flat_grad to average them: the dense update applies
         h = HyperParams.of(group)
         initial = rule.state(h)
-        implementation = choose_implementation(group, bucket.layout.device, bucket.layout.dtype, rule)
+        implementation = choose_implementation(group, bucket.layout.device, bucket.state.dtype, rule)
         for members in _rounds(positions, bucket.repeats):
             for (step, before, after), kind in self._advance_state(bucket, members, h, initial).items():
                 c = rule.scalars(h, step) if rule.scalar_state is None else rule.scalars(
@@ -369,14 +425,14 @@ class Optimizer(torch.optim.Optimizer):
         grads = [bucket.shard_grad[start:stop] if grad is None else grad for start, stop, grad in pieces]
         states = {name: cut(bucket.state.tensors[name]) for name in initial}
         steps = [self._step_tensor(bucket.layout.device, step)] * len(pieces)
-        run_update(implementation, self.rule, cut(bucket.shard_param), grads, states, steps, h, step, c)
+        run_update(implementation, self._bucket_rule(bucket), cut(bucket.shard_param), grads, states, steps, h, step, c)
 
     def _run_sparse(self, bucket: FlatBucket, position: int, initial: dict[str, float], h: HyperParams, c: Any) -> None:
         """The rule's sparse path for one parameter of an unsharded bucket (``nn.Embedding(sparse=True)``)."""
         segment = bucket.segment_of(position)
         param = bucket.params[position]
         s = {name: bucket.state.view(name, segment) for name in initial}
-        self.rule.sparse_update(param.data, param.grad, types.SimpleNamespace(**s), h, c)
+        self._bucket_rule(bucket).sparse_update(param.data, param.grad, types.SimpleNamespace(**s), h, c)
 
     def _step_tensor(self, device: torch.device, step: int) -> Tensor:
         """A 0-D tensor holding ``step`` where torch's fused kernels read it."""
@@ -506,6 +562,8 @@ class Optimizer(torch.optim.Optimizer):
         )
         by_index = dict(members)
         layouts = self._plan_buckets([ParamSpec.of(param, i, group) for i, param in members])
+        for layout in layouts:  # before the old buckets go
+            self._bucket_state_dtype(layout.dtype, lambda: self._param_name(group, by_index[layout.slots[0].index]))
         for i in reversed(indices):
             del self._buckets[i]
         self._buckets[indices[0] : indices[0]] = [
@@ -700,6 +758,7 @@ class Optimizer(torch.optim.Optimizer):
             "param_groups": self.param_groups,
             "reduce_grads": self.reduce_grads,
             "sharding": self.sharding,
+            "state_dtype": self.state_dtype,
             "process_group": self._process_group,
             "shard_state": self.shard_state_dict(),
         }
@@ -723,7 +782,7 @@ class Optimizer(torch.optim.Optimizer):
         groups = [dict(group) for group in state["param_groups"]]
         Optimizer.__init__(
             self, groups, state["defaults"], process_group=state["process_group"],
-            reduce_grads=state["reduce_grads"], sharding=state["sharding"],
+            reduce_grads=state["reduce_grads"], sharding=state["sharding"], state_dtype=state.get("state_dtype"),
         )
         read_shard_state(self, state["shard_state"])
 

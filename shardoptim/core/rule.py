@@ -89,3 +89,6 @@ class UpdateRule:
     scalar_state: Callable[..., dict[str, Any]] | None = None
     sparse_update: Callable[..., None] | None = None
     sparse_error: str = "this optimizer does not support sparse gradients"
+    #: The update relies on a cast to a narrower dtype rounding as it does eagerly (a master copy
+    #: compared with the parameters): compiled, such casts are kept, not fused away.
+    exact_casts: bool = False

@@ -6,6 +6,10 @@ dtype (float32, or float64 when that is the default dtype), where torch keeps th
 the scalar state some algorithms declare (NAdam's ``mu_product``, ASGD's ``eta`` and ``mu``). Every
 rank keeps every slot's numbers (they are the same everywhere); ``state[p]`` exposes 0-D views of
 them, as torch's state holds 0-D tensors. Reading them never waits for a device.
+
+The per-element state is in the bucket's dtype, or in a wider one (``state_dtype``,
+:mod:`shardoptim.core.master`), when it also holds ``master_param``, the shard's parameters in that
+dtype: the one state tensor that starts as a copy of the parameters rather than at a number.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .layout import BucketLayout, Segment
+from .master import MASTER
 
 
 def scalar_dtype() -> torch.dtype:
@@ -24,22 +29,38 @@ def scalar_dtype() -> torch.dtype:
 
 
 class ShardState:
-    """Named flat state tensors for this rank's shard of a bucket, plus per-slot step counts and scalars."""
+    """Named flat state tensors for this rank's shard of a bucket, plus per-slot step counts and scalars.
 
-    def __init__(self, layout: BucketLayout, rank: int) -> None:
+    ``dtype`` is the state tensors' dtype (the bucket's by default); ``params``, this rank's shard of
+    the bucket's parameters, is what ``master_param`` starts from.
+    """
+
+    def __init__(
+        self, layout: BucketLayout, rank: int, *, dtype: torch.dtype | None = None, params: Tensor | None = None
+    ) -> None:
         self.layout = layout
         self.numel = layout.shard_numel(rank)
+        self.dtype = layout.dtype if dtype is None else dtype
+        self.params = params
         self.tensors: dict[str, Tensor] = {}
         self.steps = torch.zeros(len(layout.slots), dtype=scalar_dtype())
         self.scalars: dict[str, Tensor] = {}
+
+    @property
+    def keeps_master(self) -> bool:
+        """Whether the state is wider than the parameters, and so holds ``master_param``."""
+        return self.dtype != self.layout.dtype
 
     def allocate(self, initial: dict[str, float]) -> list[str]:
         """Create the named tensors that do not exist yet, filled with their initial values; their names."""
         created = [name for name in initial if name not in self.tensors]
         for name in created:
-            self.tensors[name] = torch.full(
-                (self.numel,), self._fill(initial[name]), dtype=self.layout.dtype, device=self.layout.device
-            )
+            if name == MASTER:
+                self.tensors[name] = self.params.detach().to(self.dtype, copy=True)
+            else:
+                self.tensors[name] = torch.full(
+                    (self.numel,), self._fill(initial[name]), dtype=self.dtype, device=self.layout.device
+                )
         return created
 
     def reset(self, segment: Segment | None, initial: dict[str, float]) -> None:
@@ -47,7 +68,11 @@ class ShardState:
         if segment is None:
             return
         for name, value in initial.items():
-            self.tensors[name][segment.start : segment.stop].fill_(self._fill(value))
+            part = self.tensors[name][segment.start : segment.stop]
+            if name == MASTER:
+                part.copy_(self.params[segment.start : segment.stop])
+            else:
+                part.fill_(self._fill(value))
 
     def count_steps(self, positions: Sequence[int]) -> list[int]:
         """Add one update to each of ``positions``; return their new step counts."""

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .layout import Segment
+from .master import MASTER
 from .rule import HyperParams
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def _checked_entry(
             if not (isinstance(value, (int, float)) or isinstance(value, Tensor) and value.numel() == 1):
                 raise ValueError(f"state {name!r} of parameter {index} must be a number or a one-element tensor")
             continue
-        if name not in initial:
+        if name not in initial and name != MASTER:  # a master is loaded where kept, ignored elsewhere
             raise ValueError(f"state of parameter {index} has an entry {name!r} this optimizer does not keep")
         if not isinstance(value, Tensor) or value.numel() != param.numel():
             size = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -145,17 +146,17 @@ def load_bucketed_state(
     saved: dict[tuple[int, int], Mapping[str, Any]] = {}
     for group, saved_group in zip(groups, saved_groups):
         h = HyperParams.of(group)
-        initial = rule.state(h)
         scalar_keys = {"step", *(rule.scalar_state(h, 0) if rule.scalar_state else ())}
         for param, index in zip(group["params"], saved_group["params"]):
             if id(param) in bucketed and index in saved_state:
                 bucket, position = owner[id(param)]
+                initial = opt._bucket_rule(bucket).state(h)
                 saved[id(bucket), position] = _checked_entry(saved_state[index], param, initial, scalar_keys, index)
 
     ours = _storages(opt.buckets)
     sources: dict[tuple[int, int, str], Tensor | None] = {}  # None: already in place
     for bucket in opt.buckets:
-        tensor_names = set(rule.state(HyperParams.of(groups[bucket.layout.group])))
+        tensor_names = set(opt._bucket_rule(bucket).state(HyperParams.of(groups[bucket.layout.group])))
         for position in range(len(bucket.params)):
             entry, segment = saved.get((id(bucket), position)), bucket.segment_of(position)
             if entry is None or segment is None:
@@ -167,7 +168,7 @@ def load_bucketed_state(
     def apply() -> None:
         for bucket in opt.buckets:
             h = HyperParams.of(opt.param_groups[bucket.layout.group])
-            initial = rule.state(h)
+            initial = opt._bucket_rule(bucket).state(h)
             loaded = [position for position in range(len(bucket.params)) if (id(bucket), position) in saved]
             if loaded or bucket.state.tensors:
                 bucket.state.allocate(initial)
@@ -275,13 +276,19 @@ def check_shard_state(opt: Optimizer, state: Mapping[str, Any]) -> Callable[[], 
         opt.state.update(per_parameter)
         for saved, bucket in zip(buckets, opt.buckets):
             for tensor_name, tensor in saved["state"].items():
+                if tensor_name == MASTER and not bucket.state.keeps_master:
+                    continue  # saved with a state_dtype this optimizer lacks: the parameters alone count
                 bucket.state.allocate({tensor_name: 0.0})
                 bucket.state.tensors[tensor_name].copy_(tensor.reshape(-1))
+            if bucket.state.keeps_master and MASTER not in saved["state"]:
+                # Saved without one: the next step starts it from the parameters as they are then
+                # (a checkpoint restores them after the state).
+                bucket.state.tensors.pop(MASTER, None)
             dtype = bucket.state.steps.dtype
             bucket.state.steps.copy_(torch.tensor(saved["steps"], dtype=dtype))
             bucket.state.scalars = {key: torch.tensor(values, dtype=dtype) for key, values in saved["scalars"].items()}
             if opt.rule is not None:
-                initial = opt.rule.state(HyperParams.of(opt.param_groups[bucket.layout.group]))
+                initial = opt._bucket_rule(bucket).state(HyperParams.of(opt.param_groups[bucket.layout.group]))
                 for position, steps in enumerate(saved["steps"]):
                     if steps > 0:
                         opt._expose_state(bucket, position, initial)

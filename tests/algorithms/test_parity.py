@@ -276,7 +276,9 @@ def test_constructor_signature_matches_torch(name):
     assert list(ours)[: len([a for a in theirs.values() if a.kind is not a.KEYWORD_ONLY])] == [
         a for a, spec in theirs.items() if spec.kind is not spec.KEYWORD_ONLY
     ]
-    assert {arg for arg in ours if arg not in theirs} == {"fused", "process_group", "reduce_grads", "sharding"} - set(theirs)
+    assert {arg for arg in ours if arg not in theirs} == (
+        {"fused", "process_group", "reduce_grads", "sharding", "state_dtype"} - set(theirs)
+    )
 
 
 def test_shapes_cover_alignment_edge_cases():
