@@ -88,7 +88,7 @@ class Checkpoint:
 
     def read_range(self, rank: int, bucket: int, name: str, start: int, stop: int) -> Tensor:
         """Elements ``[start, stop)`` of rank ``rank``'s shard of one bucket's tensor ``name``
-        (``"param"``: the parameters; ``"ema"``: a sharded EMA), in the bucket's dtype."""
+        (``"param"``: the parameters; ``"ema"``: a sharded EMA), in the dtype it was saved in."""
         dtype = self.buckets[bucket].layout.dtype
         scale = 2 if dtype.is_complex else 1  # stored as the real view
         reader, key = self.shard_reader(rank), state_key(rank, bucket, name)
@@ -96,6 +96,15 @@ class Checkpoint:
             raise CheckpointFormatError(f"{reader_url(self, rank)}: the manifest expects a tensor {key!r:.100} there")
         values = reader.read_range(key, start * scale, stop * scale)
         return torch.view_as_complex(values.view(-1, 2)) if dtype.is_complex else values
+
+    def stored_dtype(self, bucket: int, name: str) -> torch.dtype:
+        """The dtype bucket ``bucket``'s tensor ``name`` was saved in: the bucket's, or a wider one
+        (state and master kept in ``state_dtype``)."""
+        reader, key = self.shard_reader(0), state_key(0, bucket, name)
+        if key not in reader.names:
+            raise CheckpointFormatError(f"{reader_url(self, 0)}: the manifest expects a tensor {key!r:.100} there")
+        dtype = reader.entry(key).dtype
+        return dtype.to_complex() if self.buckets[bucket].layout.dtype.is_complex else dtype
 
     def read_parameter(self, index: int, *, name: str = "param") -> Tensor:
         """One of the optimizer's parameters, whole, from every rank's shard of its bucket; with

@@ -257,7 +257,7 @@ def torch_format_state(checkpoint: Checkpoint) -> dict[str, Any]:
 
 def _whole_bucket(checkpoint: Checkpoint, position: int, name: str) -> Tensor:
     layout = checkpoint.buckets[position].layout
-    whole = torch.empty(layout.numel, dtype=layout.dtype)
+    whole = torch.empty(layout.numel, dtype=checkpoint.stored_dtype(position, name))
     for rank in range(layout.world_size):
         start, stop = layout.shard_range(rank)
         whole[start:stop] = checkpoint.read_range(rank, position, name, 0, stop - start)

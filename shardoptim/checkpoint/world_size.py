@@ -153,7 +153,7 @@ def _rank_tensors(
         for name in ["param", *entry["names"], *(["ema"] if with_ema else [])]:
             fill = initial(layout.group).get(name, 0.0) if name in entry["names"] else 0.0
             shard = torch.full((layout.shard_numel(rank),), complex(fill, fill) if layout.dtype.is_complex else fill,
-                               dtype=layout.dtype)
+                               dtype=_stored_dtype(checkpoint, layout, name))
             for c in mine:
                 if name in ("param", "ema") or name in checkpoint.buckets[c.source_bucket].names:
                     shard[c.target_start : c.target_start + c.numel] = checkpoint.read_range(
@@ -162,6 +162,17 @@ def _rank_tensors(
             tensors[state_key(rank, position, name)] = storable(shard)
             progress.advance(shard.nbytes)
     return tensors
+
+
+def _stored_dtype(checkpoint: Checkpoint, layout: BucketLayout, name: str) -> torch.dtype:
+    """The dtype the saved buckets of ``layout``'s group and dtype keep ``name`` in (the same for every
+    rank of the new checkpoint, whichever ranges it copies): wider than the parameters under
+    ``state_dtype``."""
+    for position, saved in enumerate(checkpoint.buckets):
+        same_kind = (saved.layout.group, saved.layout.dtype) == (layout.group, layout.dtype)
+        if same_kind and (name in saved.names or name in ("param", "ema")):
+            return checkpoint.stored_dtype(position, name)
+    return layout.dtype
 
 
 def _initial_values(checkpoint: Checkpoint) -> Any:
