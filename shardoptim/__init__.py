@@ -2,12 +2,13 @@
 
 from . import amp, checkpoint, ema, sched
 from .algorithms import (
-    ASGD, LBFGS, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop, Rprop, SparseAdam,
+    ASGD, LBFGS, SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Muon, NAdam, RAdam, RMSprop, Rprop,
+    SparseAdam,
 )
 from .core import Optimizer, ShardingConfig
 
 __all__ = [
     "SGD", "Adam", "AdamW", "Adadelta", "Adagrad", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop",
-    "LBFGS", "SparseAdam", "Optimizer", "ShardingConfig", "amp", "checkpoint", "ema", "sched",
+    "LBFGS", "SparseAdam", "Adafactor", "Muon", "Optimizer", "ShardingConfig", "amp", "checkpoint", "ema", "sched",
 ]
 __version__ = "0.1.0"

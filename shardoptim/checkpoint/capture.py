@@ -31,7 +31,9 @@ TENSOR = "$tensor"
 @dataclass
 class Snapshot:
     """One rank's part of a save: ``shard`` goes to its file, ``shared`` (rank 0 only) to the shared
-    file, ``manifest`` (rank 0's is used) and ``rng`` (this rank's) to the manifest."""
+    file, ``manifest`` (rank 0's is used), ``rng`` (this rank's) and ``owned_state`` (the per-parameter
+    optimizer state of the parameters this rank owns whole, a matrix algorithm's, sharded) to the
+    manifest."""
 
     rank: int
     world_size: int
@@ -39,6 +41,7 @@ class Snapshot:
     shared: dict[str, Tensor] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
+    owned_state: dict[str, Any] = field(default_factory=dict)
 
     def on_host(self) -> Snapshot:
         """The same snapshot with every tensor copied to CPU memory (pinned when from CUDA), so
@@ -118,7 +121,11 @@ def _capture_optimizer(snapshot: Snapshot, optimizer: torch.optim.Optimizer) -> 
             "layout": saved["layout"], "steps": saved["steps"], "scalars": saved["scalars"],
             "names": list(saved["state"]),
         })
-    per_parameter = _tensors_out(snapshot, state["per_parameter"], "perparam") if rank == 0 else {}
+    if _owned_whole(optimizer):  # each rank holds the state of the parameters it owns: in its own file
+        snapshot.owned_state = _tensors_out(snapshot, state["per_parameter"], f"r{rank}.perparam", rank=rank)
+        per_parameter = {}
+    else:
+        per_parameter = _tensors_out(snapshot, state["per_parameter"], "perparam") if rank == 0 else {}
     snapshot.manifest["optimizer"] = {
         "algorithm": state["algorithm"], "torch": False, "param_groups": to_plain(state["param_groups"]),
         "buckets": buckets, "per_parameter": per_parameter,
@@ -129,15 +136,24 @@ def _capture_optimizer(snapshot: Snapshot, optimizer: torch.optim.Optimizer) -> 
     return {id(p): indices[id(p)] for bucket in optimizer.buckets for p in bucket.params}
 
 
-def _tensors_out(snapshot: Snapshot, value: Any, key: str) -> Any:
-    """``value`` as JSON data, its tensors moved into the shared file (each replaced by its key)."""
+def _owned_whole(optimizer: Optimizer) -> bool:
+    """Whether the optimizer's per-parameter state is split by owner (a matrix algorithm, sharded)."""
+    return optimizer.tensor_rule is not None and any(bucket.is_sharded for bucket in optimizer.buckets)
+
+
+def _tensors_out(snapshot: Snapshot, value: Any, key: str, *, rank: int | None = None) -> Any:
+    """``value`` as JSON data, its tensors moved into the shared file (each replaced by its key), or
+    into rank ``rank``'s file (the key then records the rank too)."""
     if isinstance(value, Tensor):
-        snapshot.shared[key] = storable(value)
-        return {TENSOR: key, "complex": value.is_complex()}
+        if rank is None:
+            snapshot.shared[key] = storable(value)
+            return {TENSOR: key, "complex": value.is_complex()}
+        snapshot.shard[key] = storable(value)
+        return {TENSOR: key, "complex": value.is_complex(), "rank": rank}
     if isinstance(value, Mapping):
-        return {str(k): _tensors_out(snapshot, v, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _tensors_out(snapshot, v, f"{key}.{k}", rank=rank) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_tensors_out(snapshot, v, f"{key}.{i}") for i, v in enumerate(value)]
+        return [_tensors_out(snapshot, v, f"{key}.{i}", rank=rank) for i, v in enumerate(value)]
     return value
 
 

@@ -150,12 +150,19 @@ class _Checks:
         return indices
 
     def tensor_refs(self, value: Any, where: str) -> None:
-        """Every ``{"$tensor": key}`` inside JSON data must be a tensor of the shared file."""
+        """Every ``{"$tensor": key}`` inside JSON data must be a tensor of the shared file (of rank
+        ``r``'s file, with ``"rank": r``)."""
         if isinstance(value, dict) and TENSOR in value:
             key = value[TENSOR]
             if not isinstance(key, str):
                 self.fail(f"{where}: a tensor reference must be a key")
-            self.record(shared_file(self.manifest.save_id), key, where)
+            if "rank" not in value:
+                self.record(shared_file(self.manifest.save_id), key, where)
+                return
+            rank, world = value["rank"], self.manifest.world_size
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+                self.fail(f"{where}: a tensor reference names rank {rank!r:.40}, outside the {world} that saved")
+            self.record(shard_file(rank, world, self.manifest.save_id), key, where)
         elif isinstance(value, dict):
             for key, item in value.items():
                 self.tensor_refs(item, f"{where}.{key}")

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIRECTORY = re.compile(r"step-(\d+)")
 #: How often ``restore`` tries the newest checkpoint when the one it reads is deleted meanwhile.
-RESTORE_ATTEMPTS = 5
+RESTORE_ATTEMPTS = 10
 RELIST_DELAY_S = 1.0
 _NOTHING = -2  # the "step" of an empty root in the ranks' agreement (a stepless checkpoint is -1)
 

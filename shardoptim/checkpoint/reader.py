@@ -130,9 +130,24 @@ class Checkpoint:
         values = reader.read(key)
         return torch.view_as_complex(values) if complex_ else values
 
+    def read_owned(self, rank: Any, key: str, *, complex_: bool = False) -> Tensor:
+        """A tensor of rank ``rank``'s file outside the buckets (a matrix algorithm's per-parameter
+        state, kept by the parameter's owner)."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.manifest.world_size:
+            raise CheckpointFormatError(f"{self.url}: a tensor reference names rank {rank!r:.40}, not one of "
+                                        f"the {self.manifest.world_size} that saved")
+        reader = self.shard_reader(rank)
+        if key not in reader.names:
+            raise CheckpointFormatError(f"{reader_url(self, rank)}: the manifest expects a tensor {key!r:.100} there")
+        values = reader.read(key)
+        return torch.view_as_complex(values) if complex_ else values
+
     def tensors_in(self, value: Any) -> Any:
-        """JSON data of per-parameter state with its tensors read back from the shared file."""
+        """JSON data of per-parameter state with its tensors read back from the shared file (or, for
+        a reference that names a rank, that rank's file)."""
         if isinstance(value, dict) and TENSOR in value:
+            if "rank" in value:
+                return self.read_owned(value["rank"], value[TENSOR], complex_=bool(value.get("complex")))
             return self.read_shared(value[TENSOR], complex_=bool(value.get("complex")))
         if isinstance(value, dict):
             return {key: self.tensors_in(item) for key, item in value.items()}

@@ -116,7 +116,9 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
         return [lambda: optimizer.load_state_dict(state)]
     target = optimizer.shard_state_dict()
     target["param_groups"] = _saved_groups(checkpoint, optimizer, saved["param_groups"])
-    target["per_parameter"] = per_parameter_state(checkpoint)
+    elsewhere = optimizer._not_kept_here()
+    kept = {index for index, param in _params_by_index(optimizer).items() if id(param) not in elsewhere}
+    target["per_parameter"] = per_parameter_state(checkpoint, kept)
     rank = optimizer.comm.rank
     copies = _copies(checkpoint, optimizer, rank)
     params = [torch.zeros_like(bucket.shard_param) for bucket in optimizer.buckets]
@@ -154,13 +156,21 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
     return [apply]
 
 
-def per_parameter_state(checkpoint: Checkpoint) -> dict[int, Any]:
-    """The saved per-parameter optimizer state (torch's format), its tensors read from the shared file."""
+def per_parameter_state(checkpoint: Checkpoint, wanted: set[int] | None = None) -> dict[int, Any]:
+    """The saved per-parameter optimizer state (torch's format), its tensors read from the file that
+    holds them; only the parameters ``wanted`` (all by default), so a rank reads what it keeps."""
     raw = checkpoint.manifest.optimizer.get("per_parameter", {})
     if not isinstance(raw, dict) or not all(isinstance(k, str) and k.isdigit() and isinstance(v, dict)
                                             for k, v in raw.items()):
         raise CheckpointFormatError(f"{checkpoint.url}: optimizer.per_parameter must map indices to objects")
-    return {int(index): checkpoint.tensors_in(entry) for index, entry in raw.items()}
+    return {int(index): checkpoint.tensors_in(entry) for index, entry in raw.items()
+            if wanted is None or int(index) in wanted}
+
+
+def _params_by_index(optimizer: torch.optim.Optimizer) -> dict[int, Tensor]:
+    """The optimizer's parameters by their state-dict index."""
+    indices = index_of_params(optimizer.param_groups)
+    return {indices[id(p)]: p for group in optimizer.param_groups for p in group["params"]}
 
 
 def _same_family(saved: str, optimizer: torch.optim.Optimizer) -> bool:

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from ..core import BucketLayout, ParamSpec, plan_buckets, plan_copies
+from ..core.layout import plan_tensor_buckets
 from ..core.rule import HyperParams
-from .capture import storable
+from .capture import TENSOR, storable
 from .consistency import check_consistency
 from .errors import CheckpointError
 from .manifest import MANIFEST, Manifest, shard_file, shared_file, state_key
@@ -52,11 +53,22 @@ def plan_layouts(checkpoint: Checkpoint, world_size: int) -> list[BucketLayout]:
                                                  layout.trainable))
     sharded = world_size > 1
     cap = saved.get("bucket_cap_numel") if sharded else None
+    tensor_rule = _tensor_rule(saved.get("algorithm"))
     planned: list[BucketLayout] = []
     for group in sorted(specs):
-        planned += plan_buckets(sorted(specs[group], key=lambda spec: spec.index), world_size=world_size,
-                                bucket_cap_numel=cap, backward_order=sharded)
+        members = sorted(specs[group], key=lambda spec: spec.index)
+        if tensor_rule is not None:  # a matrix algorithm: whole-tensor partitions, as the optimizer plans them
+            planned += plan_tensor_buckets(members, world_size=world_size, cost=tensor_rule.cost,
+                                           bucket_cap_numel=cap, backward_order=sharded)
+        else:
+            planned += plan_buckets(members, world_size=world_size, bucket_cap_numel=cap, backward_order=sharded)
     return planned
+
+
+def _tensor_rule(algorithm: Any) -> Any:
+    import shardoptim  # here: shardoptim imports this package while it initialises
+
+    return getattr(getattr(shardoptim, str(algorithm), None), "tensor_rule", None)
 
 
 def reshard(
@@ -88,10 +100,12 @@ def reshard(
     tensors_per_bucket = 2 if (source.ema or {}).get("kind") == "sharded" else 1  # the parameters, the EMA
     progress.start(sum(_bytes(layout) * (len(entry["names"]) + tensors_per_bucket)
                        for layout, entry in zip(new_layouts, buckets)), "reshard")
+    owned, per_parameter = _owned_state(checkpoint, new_layouts, world_size)
     files = {}
     try:
         for rank in range(world_size):
             tensors = _rank_tensors(checkpoint, new_layouts, buckets, rank, progress)
+            tensors.update(owned[rank])
             if rank < kept_ranks:
                 reader = checkpoint.shard_reader(rank)
                 prefix = f"r{rank}.rng."
@@ -103,11 +117,40 @@ def reshard(
         files[name] = write_tensor_file(target, name, {key: shared.read(key) for key in shared.names}, exclusive=True)
     finally:
         progress.close()
-    optimizer = None if saved is None else {**saved, "buckets": buckets}
+    optimizer = None if saved is None else {**saved, "buckets": buckets, "per_parameter": per_parameter}
     manifest = replace(source, save_id=save_id, world_size=world_size, files=files, optimizer=optimizer,
                        rng=source.rng[:kept_ranks])
     target.write_bytes(MANIFEST, manifest.to_bytes(), exclusive=True)
     return manifest
+
+
+def _owned_state(
+    checkpoint: Checkpoint, new_layouts: list[BucketLayout], world_size: int
+) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
+    """Per new rank, the per-parameter state it owns whole (a matrix algorithm's, which the saving
+    ranks kept in their own files), moved whole to the new owner; and the manifest's ``per_parameter``
+    pointing there. State in the shared file stays where it is."""
+    per_parameter = dict((checkpoint.manifest.optimizer or {}).get("per_parameter", {}))
+    tensors: list[dict[str, Tensor]] = [{} for _ in range(world_size)]
+    owner = {layout.slots[segment.slot].index: rank
+             for layout in new_layouts for rank in range(layout.world_size) for segment in layout.segments(rank)}
+
+    def move(value: Any, rank: int, key: str) -> Any:
+        if isinstance(value, dict) and TENSOR in value:
+            if "rank" not in value:
+                return value
+            tensors[rank][key] = storable(checkpoint.tensors_in(value))
+            return {**value, TENSOR: key, "rank": rank}
+        if isinstance(value, dict):
+            return {k: move(v, rank, f"{key}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v, rank, f"{key}.{i}") for i, v in enumerate(value)]
+        return value
+
+    for index, entry in per_parameter.items():
+        rank = owner.get(int(index), 0)
+        per_parameter[index] = move(entry, rank, f"r{rank}.perparam.{index}")
+    return tensors, per_parameter
 
 
 def _bytes(layout: BucketLayout) -> int:

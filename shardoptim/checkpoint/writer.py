@@ -172,7 +172,8 @@ class _SaveJob:
             if rank == 0:
                 name = shared_file(self.save_id)
                 records[name] = write_tensor_file(self.storage, name, snapshot.shared, exclusive=True)
-            record = {"rank": rank, "files": {n: r.to_dict() for n, r in records.items()}, "rng": snapshot.rng}
+            record = {"rank": rank, "files": {n: r.to_dict() for n, r in records.items()}, "rng": snapshot.rng,
+                      "owned_state": snapshot.owned_state}
             self.storage.write_bytes(record_file(rank, self.save_id), encode_json(record), exclusive=True)
         except BaseException as error:  # noqa: BLE001 - reported to every rank by save()
             logger.error("rank %d could not write its checkpoint files to %s: %s", self.snapshot.rank,
@@ -199,6 +200,10 @@ class _SaveJob:
                 for name, data in record["files"].items():
                     files[name] = TensorFileRecord.from_dict(data, source=f"record of rank {record['rank']}")
             parts = self.snapshot.manifest
+            if any(record.get("owned_state") for record in records):
+                per_parameter = parts["optimizer"]["per_parameter"]
+                for record in records:
+                    per_parameter.update(record["owned_state"])
             manifest = Manifest(
                 save_id=self.save_id, world_size=world, files=files, params=parts.get("params", []),
                 optimizer=parts.get("optimizer"), model=parts.get("model"), schedulers=parts.get("schedulers", []),

@@ -17,6 +17,10 @@ from torch import Tensor
 #: How per-rank values of a small tensor combine.
 Reduction = Literal["sum", "max"]
 
+#: Per rank, the ``[start, stop)`` range of a flat buffer it owns (``BucketLayout.bounds``); None:
+#: equal ranges in rank order.
+Bounds = tuple[tuple[int, int], ...] | None
+
 
 class Pending(Protocol):
     """A collective in flight; ``wait()`` returns once its results are in place."""
@@ -43,19 +47,24 @@ class Comm(Protocol):
     #: Where small tensors (masks, norms) are reduced without a device round trip where possible.
     small_device: torch.device
 
-    def launch_average(self, flat: Tensor, shard: Tensor, *, label: str = "") -> Pending:
+    def launch_average(self, flat: Tensor, shard: Tensor, *, bounds: Bounds = None, label: str = "") -> Pending:
         """Average ``flat`` over ranks into ``shard``.
 
         ``shard`` is either ``flat`` itself (a replicated buffer: the whole of it is averaged) or a
-        buffer of ``flat.numel() // world_size`` elements, which may be ``flat``'s own slice ``rank``,
-        that receives the average of that slice. The rest of ``flat`` is left undefined.
+        buffer the size of this rank's range, which may be that range of ``flat`` itself, that
+        receives the average of that range. Ranges are ``bounds`` (uneven ones for whole-tensor
+        partitions), or ``flat.numel() // world_size`` elements each. The rest of ``flat`` is left
+        undefined.
 
         ``label`` (every launch takes one) names the collective in the error raised if it fails or
         times out (``ShardingConfig.collective_timeout_s``).
         """
 
-    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None, label: str = "") -> Pending:
-        """Fill ``flat`` with every rank's ``shard`` (its slice ``rank``), on every rank or only on ``dst``.
+    def launch_gather(
+        self, flat: Tensor, shard: Tensor, *, bounds: Bounds = None, dst: int | None = None, label: str = ""
+    ) -> Pending:
+        """Fill ``flat`` with every rank's ``shard`` (its range, as in ``launch_average``), on every
+        rank or only on ``dst``.
 
         ``shard`` is ``flat``'s own slice, a separate buffer of that size, or ``flat`` itself (nothing
         to gather). With ``dst``, ``flat`` matters only on ``dst`` (elsewhere it may be empty).
@@ -73,12 +82,14 @@ class LocalComm:
     world_size = 1
     small_device = torch.device("cpu")
 
-    def launch_average(self, flat: Tensor, shard: Tensor, *, label: str = "") -> Pending:
+    def launch_average(self, flat: Tensor, shard: Tensor, *, bounds: Bounds = None, label: str = "") -> Pending:
         if shard.data_ptr() != flat.data_ptr():
             shard.copy_(flat[: shard.numel()])
         return DONE
 
-    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None, label: str = "") -> Pending:
+    def launch_gather(
+        self, flat: Tensor, shard: Tensor, *, bounds: Bounds = None, dst: int | None = None, label: str = ""
+    ) -> Pending:
         if shard.data_ptr() != flat.data_ptr():
             flat[: shard.numel()].copy_(shard)
         return DONE

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .comm import DONE, Pending, Reduction
+from .comm import DONE, Bounds, Pending, Reduction
 from .config import ShardingConfig
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,16 @@ def resolve_pattern(config: ShardingConfig, backend: str) -> CollectivePattern:
     average = auto_average if config.average == "auto" else config.average
     gather = auto_gather if config.gather == "auto" else config.gather
     return CollectivePattern(average, gather, average_op=backend == "nccl")
+
+
+def _replicated(flat: Tensor, shard: Tensor, bounds: Bounds) -> bool:
+    """Whether ``flat`` is a buffer every rank holds whole (``shard`` is all of it, and no bounds cut
+    it: a whole-tensor partition's rank may own all of a bucket while its peers own nothing)."""
+    return shard.numel() == flat.numel() and (bounds is None or len(bounds) == 1)
+
+
+def _even(ranges: Sequence[tuple[int, int]]) -> bool:
+    return len({stop - start for start, stop in ranges}) == 1
 
 
 def _real(tensor: Tensor) -> Tensor:
@@ -142,31 +152,42 @@ class ProcessGroupComm:
         works.label, works.timeout = label or works.label, self._timeout
         return works
 
-    def launch_average(self, flat: Tensor, shard: Tensor, *, label: str = "") -> Pending:
+    def launch_average(self, flat: Tensor, shard: Tensor, *, bounds: Bounds = None, label: str = "") -> Pending:
+        replicated = _replicated(flat, shard, bounds)
+        ranges = [] if replicated else self._ranges(flat, bounds)
         flat, shard = _real(flat), _real(shard)
-        if shard.numel() == flat.numel() or self.pattern(flat.device).average == "all_reduce":
-            works = self._all_reduce_average(flat, shard)
-        elif self.pattern(flat.device).average == "all_to_all":
-            works = self._all_to_all_average(flat, shard)
-        else:
+        average = self.pattern(flat.device).average
+        if replicated or average == "all_reduce":
+            works = self._all_reduce_average(flat, shard, ranges, replicated)
+        elif average == "all_to_all":
+            works = self._all_to_all_average(flat, shard, ranges)
+        elif _even(ranges):
             works = self._reduce_scatter_average(flat, shard)
+        else:  # reduce-scatter takes equal ranges only: a whole-tensor partition's are uneven
+            works = self._all_reduce_average(flat, shard, ranges)
         return self._labelled(works, label)
 
-    def _own_slice(self, flat: Tensor) -> Tensor:
-        size = flat.numel() // self.world_size
-        return flat[self.rank * size : (self.rank + 1) * size]
+    def _ranges(self, flat: Tensor, bounds: Bounds) -> list[tuple[int, int]]:
+        """Every rank's range of ``flat`` seen as real (complex elements count twice)."""
+        scale = 2 if flat.is_complex() else 1
+        if bounds is None:
+            size = flat.numel() // self.world_size
+            return [(rank * size * scale, (rank + 1) * size * scale) for rank in range(self.world_size)]
+        return [(start * scale, stop * scale) for start, stop in bounds]
 
-    def _all_reduce_average(self, flat: Tensor, shard: Tensor) -> Pending:
+    def _all_reduce_average(
+        self, flat: Tensor, shard: Tensor, ranges: list[tuple[int, int]], replicated: bool = False
+    ) -> Pending:
         op = dist.ReduceOp.AVG if self.pattern(flat.device).average_op else dist.ReduceOp.SUM
         work = dist.all_reduce(flat, op=op, group=self.group, async_op=True)
 
         def finish() -> None:
             if op != dist.ReduceOp.AVG:
                 flat.div_(self.world_size)
-            if shard.numel() != flat.numel():
-                own = self._own_slice(flat)
-                if own.data_ptr() != shard.data_ptr():
-                    shard.copy_(own)
+            if not replicated:
+                start, stop = ranges[self.rank]
+                if flat[start:stop].data_ptr() != shard.data_ptr():
+                    shard.copy_(flat[start:stop])
 
         return _Works([work], finish)
 
@@ -176,28 +197,33 @@ class ProcessGroupComm:
         work = reduce_scatter_single(shard, flat, op=op, group=self.group, async_op=True)
         return _Works([work], None if average_op else lambda: shard.div_(self.world_size))
 
-    def _all_to_all_average(self, flat: Tensor, shard: Tensor) -> Pending:
-        """Send slice ``j`` of ``flat`` to rank ``j``, receive every other rank's slice ``rank``, add them.
+    def _all_to_all_average(self, flat: Tensor, shard: Tensor, ranges: list[tuple[int, int]]) -> Pending:
+        """Send range ``j`` of ``flat`` to rank ``j``, receive every other rank's copy of this rank's
+        range, add them.
 
-        The first and the last rank keep their own slice out of the exchange (the slices for the
+        The first and the last rank keep their own range out of the exchange (the ranges for the
         others are contiguous there; at 2 ranks that is every rank), which saves sending it to
-        itself; a rank in the middle receives its own slice too, and skips it.
+        itself; a rank in the middle receives its own range too, and skips it.
         """
-        size, world, rank = shard.numel(), self.world_size, self.rank
-        sizes = [size] * world
+        world, rank = self.world_size, self.rank
+        start, stop = ranges[rank]
+        sending = [hi - lo for lo, hi in ranges]
+        receiving = [stop - start] * world
         send = flat
         if rank in (0, world - 1):
-            sizes[rank] = 0
-            send = flat[size:] if rank == 0 else flat[:-size]
-        received = torch.empty(sum(sizes), dtype=flat.dtype, device=flat.device)
-        own = self._own_slice(flat)
+            sending[rank] = receiving[rank] = 0
+            send = flat[stop:] if rank == 0 else flat[:start]
+        received = torch.empty(sum(receiving), dtype=flat.dtype, device=flat.device)
+        own = flat[start:stop]
         work = dist.all_to_all_single(
-            received, send, output_split_sizes=sizes, input_split_sizes=sizes, group=self.group, async_op=True
+            received, send, output_split_sizes=receiving, input_split_sizes=sending, group=self.group,
+            async_op=True,
         )
-        rows = dict(zip([source for source in range(world) if sizes[source]], received.split([n for n in sizes if n])))
+        sources = [source for source in range(world) if receiving[source]]
+        rows = dict(zip(sources, received.split([receiving[source] for source in sources])))
+        others = [row for source, row in rows.items() if source != rank]
 
         def finish() -> None:
-            others = [row for source, row in rows.items() if source != rank]
             if others:  # the first sum written straight into the shard: no separate copy of ``own``
                 torch.add(own, others[0], out=shard)
             elif own.data_ptr() != shard.data_ptr():
@@ -210,25 +236,35 @@ class ProcessGroupComm:
 
     # -- gathering ------------------------------------------------------------------------------
 
-    def launch_gather(self, flat: Tensor, shard: Tensor, *, dst: int | None = None, label: str = "") -> Pending:
-        flat, shard = _real(flat), _real(shard)
-        if shard.numel() == flat.numel():
+    def launch_gather(
+        self, flat: Tensor, shard: Tensor, *, bounds: Bounds = None, dst: int | None = None, label: str = ""
+    ) -> Pending:
+        if _replicated(flat, shard, bounds):
             return DONE
-        return self._labelled(self._gather(flat, shard, dst), label)
+        ranges = self._ranges(flat, bounds)
+        flat, shard = _real(flat), _real(shard)
+        return self._labelled(self._gather(flat, shard, ranges, dst), label)
 
-    def _gather(self, flat: Tensor, shard: Tensor, dst: int | None) -> _Works:
-        size = shard.numel()
-        if dst is not None:
-            chunks = list(flat.split(size)) if self.rank == dst else None
+    def _gather(self, flat: Tensor, shard: Tensor, ranges: list[tuple[int, int]], dst: int | None) -> _Works:
+        even = _even(ranges)
+        if dst is not None and even:
+            chunks = list(flat.split(shard.numel())) if self.rank == dst else None
             return _Works([dist.gather(shard, chunks, dst=self._global_ranks[dst], group=self.group, async_op=True)])
-        if self.pattern(flat.device).gather == "all_gather":
+        if even and self.pattern(flat.device).gather == "all_gather":
             return _Works([all_gather_single(flat, shard, group=self.group, async_op=True)])
-        own = self._own_slice(flat)
+        # One broadcast per owner: what gloo moves fastest, and what uneven ranges need (all-gather and
+        # gather take equal ones). Gathering uneven ranges to ``dst`` alone broadcasts too (a rare path:
+        # the other ranks receive into scratch, their ``flat`` may be empty).
+        def target(lo: int, hi: int) -> Tensor:
+            return flat[lo:hi] if flat.numel() >= hi else torch.empty(hi - lo, dtype=flat.dtype, device=flat.device)
+
+        start, stop = ranges[self.rank]
+        own = target(start, stop)
         if own.data_ptr() != shard.data_ptr():
             own.copy_(shard)
         return _Works([
-            dist.broadcast(flat[owner * size : (owner + 1) * size], src=src, group=self.group, async_op=True)
-            for owner, src in enumerate(self._global_ranks)
+            dist.broadcast(own if owner == self.rank else target(lo, hi), src=src, group=self.group, async_op=True)
+            for owner, ((lo, hi), src) in enumerate(zip(ranges, self._global_ranks)) if hi > lo
         ])
 
     # -- small tensors --------------------------------------------------------------------------

@@ -223,7 +223,9 @@ class GradSync:
             bucket.densify_grad(position)
         bucket.zero_grads_except(present)
         label = f"step {self.steps_taken + 1}: the gradient average of bucket {index} ({bucket.layout.numel} elements)"
-        self._in_flight[index] = self._comm.launch_average(bucket.grad_buffer(), bucket.shard_grad, label=label)
+        self._in_flight[index] = self._comm.launch_average(
+            bucket.grad_buffer(), bucket.shard_grad, bounds=bucket.layout.bounds, label=label
+        )
 
     def _finish(self, index: int) -> None:
         """Wait for bucket ``index``'s average (launching it if needed); ZeRO-2 then frees the full buffer."""

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .bucket import FlatBucket
+from .tensor_rule import TensorRule
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,19 @@ class RankMemory:
 @dataclass(frozen=True)
 class MemoryReport:
     """Per rank, the bytes of an optimizer; ``largest_state_share`` is the largest rank's optimizer
-    state against an even share of all ranks' (1.0: perfectly balanced)."""
+    state against an even share of all ranks' (1.0: perfectly balanced). A matrix algorithm's
+    whole-tensor partitions also report each rank's update ``costs`` (``TensorRule.cost`` of the
+    parameters it owns) and ``largest_cost_share``."""
 
     ranks: tuple[RankMemory, ...]
+    costs: tuple[float, ...] | None = None
+
+    @property
+    def largest_cost_share(self) -> float | None:
+        if self.costs is None:
+            return None
+        total = sum(self.costs)
+        return 1.0 if total == 0 else max(self.costs) / (total / len(self.costs))
 
     @property
     def largest_state_share(self) -> float:
@@ -44,16 +55,23 @@ class MemoryReport:
         rows = [f"{'rank':>4} {'params':>12} {'grads':>12} {'state':>12} {'padding':>10}"]
         rows += [f"{r.rank:>4} {r.params:>12,} {r.grads:>12,} {r.state:>12,} {r.padding:>10,}" for r in self.ranks]
         rows.append(f"largest rank's optimizer state: {self.largest_state_share:.3f}x the even share")
+        if self.costs is not None:
+            rows.append(f"largest rank's update cost: {self.largest_cost_share:.3f}x the even share")
         return "\n".join(rows)
 
 
-def memory_report(buckets: Sequence[FlatBucket], world_size: int) -> MemoryReport:
+def memory_report(
+    buckets: Sequence[FlatBucket], world_size: int, tensor_rule: TensorRule | None = None
+) -> MemoryReport:
     """Each rank's bytes, computed from the layouts; this rank's gradient buffers as they are now.
 
     Every rank keeps the same state names for a bucket and the same number of gradient buffers
-    allocated (they follow the same steps), so one rank can tell every rank's share.
+    allocated (they follow the same steps), so one rank can tell every rank's share. With a
+    ``tensor_rule`` the state is per parameter, owned whole: each rank's is what ``state_shapes``
+    says of the parameters in its ranges (as allocated once they have stepped).
     """
     ranks = []
+    costs = [0.0] * world_size if tensor_rule is not None else None
     for rank in range(world_size):
         params = grads = state = padding = 0
         for bucket in buckets:
@@ -67,12 +85,18 @@ def memory_report(buckets: Sequence[FlatBucket], world_size: int) -> MemoryRepor
             padding += (shard_padding * size if bucket.shard_grads else 0)
             if bucket.flat_grad is not None:
                 padding += bucket.padding_numel() * size
+            if tensor_rule is not None:
+                for segment in layout.segments(rank):
+                    shape = layout.slots[segment.slot].shape
+                    state += tensor_rule.state_numel(shape) * size + 4 * len(tensor_rule.scalar_names)
+                    costs[rank] += tensor_rule.cost(shape)
+                continue
             names, state_size = len(bucket.state.tensors), bucket.state.dtype.itemsize
             state += names * shard * state_size + bucket.state.steps.nbytes
             state += sum(t.nbytes for t in bucket.state.scalars.values())
             padding += names * shard_padding * state_size
         ranks.append(RankMemory(rank, params, grads, state, padding))
-    return MemoryReport(tuple(ranks))
+    return MemoryReport(tuple(ranks), None if costs is None else tuple(costs))
 
 
 def _padding_in_range(bucket: FlatBucket, start: int, stop: int) -> int:

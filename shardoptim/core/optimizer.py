@@ -20,14 +20,15 @@ from .comm import Comm, LocalComm
 from .config import ShardingConfig
 from .differentiable import step_parameter
 from .dispatch import Implementation, check_flags, choose_implementation, run_update
-from .full_state import gather_full_state
+from .full_state import gather_full_state, gather_owned_state
 from .grad_sync import GradSync
 from .hparams import Check, validate
-from .layout import BucketLayout, ParamSpec, plan_buckets
+from .layout import BucketLayout, ParamSpec, plan_buckets, plan_tensor_buckets
 from .master import check_state_dtype, master_rule, state_dtype_for
 from .memory import MemoryReport, memory_report
 from .rule import HyperParams, UpdateRule
-from .shard_state import ShardState
+from .shard_state import ShardState, scalar_dtype
+from .tensor_rule import TensorRule
 from .state_dicts import (
     load_bucketed_state, load_per_parameter_state, merged_group, read_shard_state, shard_state,
 )
@@ -80,12 +81,17 @@ class Optimizer(torch.optim.Optimizer):
     only ``step`` and scalars when none); ``state_dict()`` gathers the full one and
     ``shard_state_dict()`` returns this rank's own without a collective.
 
-    Algorithms that are not an elementwise update (LBFGS, SparseAdam) set ``rule = None`` and
-    ``checks`` instead, override ``step()`` and keep torch's own per-parameter ``state``; they may
-    override ``_plan_buckets`` to pack their parameters differently, or not at all.
+    Matrix algorithms (Muon, Adafactor) set ``tensor_rule`` (a ``TensorRule``) and ``checks``
+    instead of ``rule``: their buckets are whole-tensor partitions (each parameter owned by one rank,
+    ranks balanced on the rule's update cost), ``state[p]`` is torch's per-parameter state, kept by
+    ``p``'s owner, and the step's phases are the same, with phase 3 updating each owned parameter
+    whole. Algorithms that are neither (LBFGS, SparseAdam) set ``rule = None`` and ``checks``,
+    override ``step()`` and keep torch's own per-parameter ``state``; they may override
+    ``_plan_buckets`` to pack their parameters differently, or not at all.
     """
 
     rule: ClassVar[UpdateRule | None]
+    tensor_rule: ClassVar[TensorRule | None] = None
     #: The hyper-parameter checks of an algorithm without a ``rule`` (a rule carries its own).
     checks: ClassVar[tuple[Check, ...]] = ()
     #: False for algorithms that need whole tensors (LBFGS, SparseAdam): with a process group they run
@@ -263,12 +269,15 @@ class Optimizer(torch.optim.Optimizer):
         return bucket
 
     def _plan_buckets(self, specs: Sequence[ParamSpec]) -> tuple[BucketLayout, ...]:
-        """The flat buckets of one new param group's parameters."""
+        """The flat buckets of one new param group's parameters: flat partitions, or whole-tensor ones
+        for a matrix algorithm."""
         sharded = self._shards > 1
-        return plan_buckets(
-            specs, world_size=self._shards, bucket_cap_numel=self.sharding.bucket_cap_numel if sharded else None,
-            backward_order=sharded,
-        )
+        cap = self.sharding.bucket_cap_numel if sharded else None
+        if self.tensor_rule is not None:
+            return plan_tensor_buckets(
+                specs, world_size=self._shards, cost=self.tensor_rule.cost, bucket_cap_numel=cap, backward_order=sharded
+            )
+        return plan_buckets(specs, world_size=self._shards, bucket_cap_numel=cap, backward_order=sharded)
 
     def _param_name(self, group_index: int, param: Tensor) -> str:
         group = self.param_groups[group_index]
@@ -370,7 +379,7 @@ class Optimizer(torch.optim.Optimizer):
                 bucket.shard_grad.mul_(inverse_scale.to(bucket.shard_grad.device))
             self._update_shard(index, ready[index])
             label = f"step {self._sync.steps_taken + 1}: the parameter gather of bucket {index}"
-            gathers.append(self._comm.launch_gather(bucket.flat_param, bucket.shard_param, label=label))
+            gathers.append(self._comm.launch_gather(bucket.flat_param, bucket.shard_param, bounds=bucket.layout.bounds, label=label))
         for gather in gathers:
             gather.wait()
         self._sync.end_step()
@@ -378,6 +387,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _update_shard(self, index: int, positions: list[int]) -> None:
         """Phase 3 for one bucket: its state advanced, then the update run over the shard's pieces."""
+        if self.tensor_rule is not None:
+            self._update_tensors(index, positions)
+            return
         bucket = self._buckets[index]
         rule = self._bucket_rule(bucket)
         group = self.param_groups[bucket.layout.group]
@@ -397,6 +409,29 @@ class Optimizer(torch.optim.Optimizer):
                 self._run(bucket, implementation, [p for p in kind if p not in sparse], initial, h, step, c)
                 for position in sparse.intersection(kind):
                     self._run_sparse(bucket, position, initial, h, c)
+        torch.autograd.graph.increment_version([bucket.params[p] for p in positions])
+
+    def _update_tensors(self, index: int, positions: list[int]) -> None:
+        """Phase 3 for one bucket of a matrix algorithm: each parameter this rank owns, updated whole
+        from its averaged gradient, its state created at its first update as torch creates it."""
+        bucket, rule = self._buckets[index], self.tensor_rule
+        sparse = bucket.sparse_positions.intersection(positions)
+        if sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        # A tensor lr stays a tensor, as torch's matrix algorithms keep it (their arithmetic rounds so).
+        h = HyperParams.of(self.param_groups[bucket.layout.group], keep_tensors=True)
+        for position in positions:
+            segment = bucket.segment_of(position)
+            if segment is None:
+                continue  # another rank's
+            shape, param = bucket.layout.slots[position].shape, bucket.params[position]
+            p = bucket.shard_param[segment.start : segment.stop].view(shape)
+            g = bucket.shard_grad[segment.start : segment.stop].view(shape)
+            state = self.state[param]
+            if not state:
+                state.update(rule.init_state(p, h))
+            for _ in range(1 + bucket.repeats.get(position, 0)):
+                rule.update(p, g, state, h)
         torch.autograd.graph.increment_version([bucket.params[p] for p in positions])
 
     def _run(
@@ -579,7 +614,7 @@ class Optimizer(torch.optim.Optimizer):
         a shard loaded). Collective when sharded; nothing to do otherwise.
         """
         pending = [
-            self._comm.launch_gather(b.flat_param, b.shard_param, label=f"gather_params: bucket {i}")
+            self._comm.launch_gather(b.flat_param, b.shard_param, bounds=b.layout.bounds, label=f"gather_params: bucket {i}")
             for i, b in enumerate(self._buckets) if b.is_sharded
         ]
         for work in pending:
@@ -642,6 +677,14 @@ class Optimizer(torch.optim.Optimizer):
             return set()
         return {id(p) for bucket in self._buckets for p in bucket.params}
 
+    def _not_kept_here(self) -> set[int]:
+        """``id`` of the parameters whose per-parameter state this rank does not keep: under a matrix
+        algorithm's whole-tensor partitions, those another rank owns (none otherwise)."""
+        if self.tensor_rule is None or self._shards == 1:
+            return set()
+        return {id(p) for bucket in self._buckets for position, p in enumerate(bucket.params)
+                if bucket.segment_of(position) is None}
+
     def _unbucketed_grads(self) -> list[Tensor]:
         """Gradients of the parameters that live outside buckets (per-parameter groups)."""
         bucketed = {id(p) for bucket in self._buckets for p in bucket.params}
@@ -669,7 +712,11 @@ class Optimizer(torch.optim.Optimizer):
         if self._shards == 1:
             return super().state_dict()
         sharded = [bucket for bucket in self._buckets if bucket.is_sharded]
-        full = gather_full_state(sharded, self.state, self._comm, dst=0 if rank0_only else None)
+        dst = 0 if rank0_only else None
+        if self.tensor_rule is not None:
+            full = gather_owned_state(sharded, self.state, self._comm, self.tensor_rule, dst=dst)
+        else:
+            full = gather_full_state(sharded, self.state, self._comm, dst=dst)
         if rank0_only and self._comm.rank != 0:
             return {}
         bucketed = {id(p) for bucket in sharded for p in bucket.params}
@@ -715,6 +762,13 @@ class Optimizer(torch.optim.Optimizer):
         bucketed = self._state_in_buckets()
         apply_buckets = load_bucketed_state(self, merged_groups, saved_groups, saved_state, bucketed)
         per_parameter = load_per_parameter_state(merged_groups, saved_groups, saved_state, bucketed)
+        elsewhere = self._not_kept_here()
+        per_parameter = {param: entry for param, entry in per_parameter.items() if id(param) not in elsewhere}
+        if self.tensor_rule is not None:  # a number where torch keeps a 0-D tensor (an old state dict's step)
+            for entry in per_parameter.values():
+                for name in self.tensor_rule.scalar_names:
+                    if name in entry and not isinstance(entry[name], Tensor):
+                        entry[name] = torch.tensor(float(entry[name]), dtype=scalar_dtype())
         for group, merged in zip(self.param_groups, merged_groups):
             group.clear()
             group.update(merged)
@@ -748,7 +802,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def memory_report(self) -> MemoryReport:
         """Per rank, the bytes of parameters, gradients, optimizer state and padding (no collective)."""
-        return memory_report(self._buckets, self._shards)
+        return memory_report(self._buckets, self._shards, self.tensor_rule)
 
     # -- copies ---------------------------------------------------------------------------------
 

@@ -267,6 +267,8 @@ def check_shard_state(opt: Optimizer, state: Mapping[str, Any]) -> Callable[[], 
     per_parameter = load_per_parameter_state(
         merged, [{"params": g["params"]} for g in saved_groups], state.get("per_parameter", {}), bucketed
     )
+    elsewhere = opt._not_kept_here()
+    per_parameter = {param: entry for param, entry in per_parameter.items() if id(param) not in elsewhere}
 
     def apply() -> None:
         for group, candidate in zip(opt.param_groups, merged):

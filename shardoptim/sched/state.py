@@ -28,9 +28,10 @@ def to_plain(value: Any) -> Any:
 
 
 def like(template: Any, value: Any) -> Any:
-    """``value`` in ``template``'s form: a tensor where ``template`` is one, element-wise in lists."""
+    """``value`` in ``template``'s form: a tensor where ``template`` is one, element-wise in lists and
+    tuples (a tuple again where ``template`` is one: JSON has only lists)."""
     if isinstance(template, Tensor):
         return torch.as_tensor(to_plain(value), dtype=template.dtype, device=template.device).clone()
-    if isinstance(template, list) and isinstance(value, (list, tuple)) and len(template) == len(value):
-        return [like(t, v) for t, v in zip(template, value, strict=True)]
+    if isinstance(template, (list, tuple)) and isinstance(value, (list, tuple)) and len(template) == len(value):
+        return type(template)(like(t, v) for t, v in zip(template, value, strict=True))
     return to_plain(value)

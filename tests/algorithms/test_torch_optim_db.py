@@ -135,12 +135,19 @@ def _assert_same_nested(ours, theirs, where: str) -> None:
         assert type(ours) is type(theirs) and ours == theirs, f"{where}: {ours!r} != {theirs!r}"
 
 
+#: Muon takes matrices only.
+MATRIX_SHAPES = ((7, 5), (5, 3), (4, 9), (16, 16))
+
+
 def _run_elementwise(name: str, index: int, implementation: str, dtype: torch.dtype):
+    # The matrix algorithms (not in the elementwise table) are compared with the same flags in torch.
+    torch_flags = BY_NAME[name].torch_flags(implementation) if name in BY_NAME else OUR_FLAGS[implementation]
     return run_side_by_side(
         lambda ps: getattr(shardoptim, name)(ps, **_kwargs(name, index), **OUR_FLAGS[implementation]),
-        lambda ps: INFOS[name].optim_cls(ps, **_kwargs(name, index), **BY_NAME[name].torch_flags(implementation)),
+        lambda ps: INFOS[name].optim_cls(ps, **_kwargs(name, index), **torch_flags),
         dtype=dtype,
         skip=_no_grads,
+        **({"shapes": MATRIX_SHAPES} if name == "Muon" else {}),
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,11 @@ from torch import nn
 
 import shardoptim
 from shardoptim import checkpoint
+
+
+#: The "training" between two saves: a job saves after some work, not back to back (a reader racing
+#: a saver that deletes its last checkpoint the moment it commits the next would starve).
+STEP_SECONDS = 0.02
 
 
 def build() -> tuple[nn.Module, shardoptim.AdamW]:
@@ -50,6 +56,7 @@ def save_steps(root: str, steps: int, keep: int, stop_file: str | None = None) -
             error = f"{type(caught).__name__}: {caught}"
             break
         done.append(step)
+        time.sleep(STEP_SECONDS)
     return {"committed": done, "run": manager.run, "error": error}
 
 

@@ -93,6 +93,8 @@ def test_resume_is_bitwise_on_every_backend(storage_root):
     random.seed(99)
     numpy.random.seed(99)
     assert checkpoint.load(url, **components(*resumed), storage_options=options) == {"epoch": 1, "position": [3, "x"]}
+    assert resumed[1].param_groups[0]["betas"] == reference[1].param_groups[0]["betas"]
+    assert isinstance(resumed[1].param_groups[0]["betas"], tuple), "a tuple, as torch keeps it (JSON has lists)"
     train(*resumed, range(3, 6))
     assert_equal(snapshot(*resumed), snapshot(*reference))
     assert resumed[0].head.weight is resumed[0].embed.weight

@@ -43,12 +43,13 @@ KWARGS: dict[str, dict[str, Any]] = {
 
 
 def shardable_algorithms() -> list[str]:
-    """shardoptim's public algorithms that shard (every one except LBFGS and SparseAdam)."""
+    """shardoptim's public elementwise algorithms that shard (not LBFGS and SparseAdam, which run
+    replicated, nor the matrix algorithms, whose tests are ``matrix_scenarios``)."""
     names = []
     for name in shardoptim.__all__:
         cls = getattr(shardoptim, name)
         if isinstance(cls, type) and issubclass(cls, shardoptim.Optimizer) and cls is not shardoptim.Optimizer:
-            if cls.shardable and hasattr(torch.optim, name):
+            if cls.shardable and cls.rule is not None and hasattr(torch.optim, name):
                 names.append(name)
     return names
 
