@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m bench.reliability                 # every suite at its full size: about an hour on 2 cores
+    python -m bench.reliability                 # every suite at its full size: about 25 minutes on 2 cores
     python -m bench.reliability --only kills,fuzz --kills 20 --fuzz 200   # a quick look
 
 Each suite is the one CI runs a few trials of (the test named in brackets), run many times, and
