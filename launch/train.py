@@ -79,9 +79,12 @@ class Config:
     heads: int = 4
     """Attention heads per block."""
     optimizer: str = "AdamW"
-    """Any of shardoptim's algorithms but LBFGS (it needs a closure) and SparseAdam (sparse gradients)."""
+    """Any of shardoptim's algorithms but LBFGS (it needs a closure), SparseAdam (sparse gradients) and
+    Muon alone (2-D weights only); MuonAdamW: Muon for the hidden matrices, AdamW for the rest."""
     lr: float = 1e-2
-    """Learning rate."""
+    """Learning rate (MuonAdamW: of its AdamW groups)."""
+    muon_lr: float = 0.02
+    """MuonAdamW: the learning rate of its Muon groups."""
     weight_decay: float = 0.01
     """Weight decay, for optimizers that take it."""
     clip: float = 1.0
@@ -244,6 +247,12 @@ def build_optimizer(model: nn.Module, config: Config, process_group: dist.Proces
                     *, reduce_grads: bool) -> shardoptim.Optimizer:
     """``config.optimizer`` over two groups: weight decay for matrices, none for vectors; the
     sharding options of ``config``."""
+    sharding = shardoptim.ShardingConfig(shard_grads=config.shard_grads == "on", overlap_grad_reduce=config.overlap == "on")
+    if config.optimizer == "MuonAdamW":  # Muon for the hidden matrices, AdamW (at --lr) for the rest
+        groups = shardoptim.muon_param_groups(
+            model, muon={"lr": config.muon_lr}, adamw={"lr": config.lr, "weight_decay": config.weight_decay}
+        )
+        return shardoptim.MuonAdamW(groups, process_group=process_group, reduce_grads=reduce_grads, sharding=sharding)
     cls = getattr(shardoptim, config.optimizer)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     vectors = [p for p in model.parameters() if p.dim() < 2]
@@ -251,7 +260,6 @@ def build_optimizer(model: nn.Module, config: Config, process_group: dist.Proces
     groups: list[dict] = [{"params": matrices}, {"params": vectors}]
     if "weight_decay" in cls.__init__.__code__.co_varnames:
         groups[0]["weight_decay"], groups[1]["weight_decay"] = config.weight_decay, 0.0
-    sharding = shardoptim.ShardingConfig(shard_grads=config.shard_grads == "on", overlap_grad_reduce=config.overlap == "on")
     return cls(groups, **kwargs, process_group=process_group, reduce_grads=reduce_grads, sharding=sharding)
 
 

@@ -8,6 +8,7 @@ from .adamax import Adamax
 from .asgd import ASGD
 from .lbfgs import LBFGS
 from .muon import Muon
+from .muon_adamw import MuonAdamW, muon_param_groups
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -16,4 +17,4 @@ from .sgd import SGD
 from .sparse_adam import SparseAdam
 
 __all__ = ["SGD", "Adam", "AdamW", "Adadelta", "Adagrad", "Adamax", "ASGD", "NAdam", "RAdam", "RMSprop", "Rprop",
-           "LBFGS", "SparseAdam", "Adafactor", "Muon"]
+           "LBFGS", "SparseAdam", "Adafactor", "Muon", "MuonAdamW", "muon_param_groups"]

@@ -138,7 +138,8 @@ def _capture_optimizer(snapshot: Snapshot, optimizer: torch.optim.Optimizer) -> 
 
 def _owned_whole(optimizer: Optimizer) -> bool:
     """Whether the optimizer's per-parameter state is split by owner (a matrix algorithm, sharded)."""
-    return optimizer.tensor_rule is not None and any(bucket.is_sharded for bucket in optimizer.buckets)
+    return any(bucket.is_sharded and optimizer.owns_whole_tensors(optimizer.param_groups[bucket.layout.group])
+               for bucket in optimizer.buckets)
 
 
 def _tensors_out(snapshot: Snapshot, value: Any, key: str, *, rank: int | None = None) -> Any:

@@ -127,7 +127,9 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
         target_bucket["steps"], target_bucket["scalars"] = _counts(checkpoint, indices)
         h = HyperParams.of({**optimizer.param_groups[bucket.layout.group],
                             **target["param_groups"][bucket.layout.group]})
-        initial = optimizer.rule.state(h) if optimizer.rule is not None else {}
+        group = optimizer.param_groups[bucket.layout.group]
+        elementwise = optimizer.rule is not None and not optimizer.owns_whole_tensors(group)
+        initial = optimizer.rule.state(h) if elementwise else {}  # (a matrix group's state is per parameter)
         names = _names_covering(checkpoint, bucket.layout)
         target_bucket["state"] = {
             name: torch.full_like(bucket.shard_param, _initial(initial.get(name, 0.0), bucket.shard_param),

@@ -53,22 +53,26 @@ def plan_layouts(checkpoint: Checkpoint, world_size: int) -> list[BucketLayout]:
                                                  layout.trainable))
     sharded = world_size > 1
     cap = saved.get("bucket_cap_numel") if sharded else None
-    tensor_rule = _tensor_rule(saved.get("algorithm"))
+    cls = _algorithm(saved.get("algorithm"))
+    groups = saved.get("param_groups", [])
     planned: list[BucketLayout] = []
     for group in sorted(specs):
         members = sorted(specs[group], key=lambda spec: spec.index)
-        if tensor_rule is not None:  # a matrix algorithm: whole-tensor partitions, as the optimizer plans them
-            planned += plan_tensor_buckets(members, world_size=world_size, cost=tensor_rule.cost,
+        whole = cls is not None and group < len(groups) and cls.owns_whole_tensors(groups[group])
+        if whole:  # a matrix algorithm's group: whole-tensor partitions, as the optimizer plans them
+            planned += plan_tensor_buckets(members, world_size=world_size, cost=cls.tensor_rule.cost,
                                            bucket_cap_numel=cap, backward_order=sharded)
         else:
             planned += plan_buckets(members, world_size=world_size, bucket_cap_numel=cap, backward_order=sharded)
     return planned
 
 
-def _tensor_rule(algorithm: Any) -> Any:
+def _algorithm(name: Any) -> Any:
+    """shardoptim's optimizer class of that name, if there is one."""
     import shardoptim  # here: shardoptim imports this package while it initialises
 
-    return getattr(getattr(shardoptim, str(algorithm), None), "tensor_rule", None)
+    cls = getattr(shardoptim, str(name), None)
+    return cls if isinstance(cls, type) and issubclass(cls, shardoptim.Optimizer) else None
 
 
 def reshard(
@@ -231,7 +235,8 @@ def _initial_values(checkpoint: Checkpoint) -> Any:
     def initial(group: int) -> dict[str, float]:
         if group not in cache:
             try:
-                cache[group] = dict(rule.state(HyperParams.of(groups[group]))) if rule is not None else {}
+                elementwise = rule is not None and not cls.owns_whole_tensors(groups[group])
+                cache[group] = dict(rule.state(HyperParams.of(groups[group]))) if elementwise else {}
             except (AttributeError, TypeError, ValueError, IndexError) as error:
                 raise CheckpointError(f"{checkpoint.url}: param group {group}'s hyper-parameters do not give "
                                       f"{saved.get('algorithm')}'s initial state: {error}") from None

@@ -61,20 +61,22 @@ class MemoryReport:
 
 
 def memory_report(
-    buckets: Sequence[FlatBucket], world_size: int, tensor_rule: TensorRule | None = None
+    buckets: Sequence[FlatBucket], world_size: int, tensor_rules: Sequence[TensorRule | None] | None = None
 ) -> MemoryReport:
     """Each rank's bytes, computed from the layouts; this rank's gradient buffers as they are now.
 
     Every rank keeps the same state names for a bucket and the same number of gradient buffers
-    allocated (they follow the same steps), so one rank can tell every rank's share. With a
-    ``tensor_rule`` the state is per parameter, owned whole: each rank's is what ``state_shapes``
-    says of the parameters in its ranges (as allocated once they have stepped).
+    allocated (they follow the same steps), so one rank can tell every rank's share. A bucket with a
+    ``TensorRule`` (``tensor_rules``, per bucket) keeps its state per parameter, owned whole: each
+    rank's is what ``state_shapes`` says of the parameters in its ranges (as allocated once they
+    have stepped).
     """
+    rules = list(tensor_rules) if tensor_rules is not None else [None] * len(buckets)
     ranks = []
-    costs = [0.0] * world_size if tensor_rule is not None else None
+    costs = [0.0] * world_size if any(rule is not None for rule in rules) else None
     for rank in range(world_size):
         params = grads = state = padding = 0
-        for bucket in buckets:
+        for bucket, tensor_rule in zip(buckets, rules):
             layout = bucket.layout
             size = layout.dtype.itemsize
             shard = layout.shard_numel(rank)

@@ -8,7 +8,7 @@ import types
 import warnings
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -265,15 +265,26 @@ class Optimizer(torch.optim.Optimizer):
         )
         # Only a torch kernel over lists can read gradients where autograd left them; sharded, the
         # gradients must be in flat_grad to be averaged.
-        bucket.keeps_large_grads = not layout.is_sharded and self.rule is not None and self.rule.kernel is not None
+        bucket.keeps_large_grads = (not layout.is_sharded and self.rule is not None and self.rule.kernel is not None
+                                    and not self.owns_whole_tensors(self.param_groups[layout.group]))
         return bucket
+
+    @classmethod
+    def owns_whole_tensors(cls, group: Mapping[str, Any]) -> bool:
+        """Whether param group ``group`` runs the matrix algorithm (``tensor_rule``): whole-tensor
+        partitions, per-parameter state kept by each parameter's owner. Every group of Muon and
+        Adafactor; the Muon groups of ``MuonAdamW``."""
+        return cls.tensor_rule is not None and cls.rule is None
+
+    def _whole(self, bucket: FlatBucket) -> bool:
+        return self.owns_whole_tensors(self.param_groups[bucket.layout.group])
 
     def _plan_buckets(self, specs: Sequence[ParamSpec]) -> tuple[BucketLayout, ...]:
         """The flat buckets of one new param group's parameters: flat partitions, or whole-tensor ones
-        for a matrix algorithm."""
+        for a matrix algorithm's group."""
         sharded = self._shards > 1
         cap = self.sharding.bucket_cap_numel if sharded else None
-        if self.tensor_rule is not None:
+        if specs and self.owns_whole_tensors(self.param_groups[specs[0].group]):
             return plan_tensor_buckets(
                 specs, world_size=self._shards, cost=self.tensor_rule.cost, bucket_cap_numel=cap, backward_order=sharded
             )
@@ -387,10 +398,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def _update_shard(self, index: int, positions: list[int]) -> None:
         """Phase 3 for one bucket: its state advanced, then the update run over the shard's pieces."""
-        if self.tensor_rule is not None:
+        bucket = self._buckets[index]
+        if self._whole(bucket):
             self._update_tensors(index, positions)
             return
-        bucket = self._buckets[index]
         rule = self._bucket_rule(bucket)
         group = self.param_groups[bucket.layout.group]
         sparse = bucket.sparse_positions.intersection(positions)
@@ -675,14 +686,14 @@ class Optimizer(torch.optim.Optimizer):
         LBFGS packs its parameters but keeps torch's per-parameter state)."""
         if self.rule is None:
             return set()
-        return {id(p) for bucket in self._buckets for p in bucket.params}
+        return {id(p) for bucket in self._buckets if not self._whole(bucket) for p in bucket.params}
 
     def _not_kept_here(self) -> set[int]:
         """``id`` of the parameters whose per-parameter state this rank does not keep: under a matrix
         algorithm's whole-tensor partitions, those another rank owns (none otherwise)."""
-        if self.tensor_rule is None or self._shards == 1:
+        if self._shards == 1:
             return set()
-        return {id(p) for bucket in self._buckets for position, p in enumerate(bucket.params)
+        return {id(p) for bucket in self._buckets if self._whole(bucket) for position, p in enumerate(bucket.params)
                 if bucket.segment_of(position) is None}
 
     def _unbucketed_grads(self) -> list[Tensor]:
@@ -713,10 +724,10 @@ class Optimizer(torch.optim.Optimizer):
             return super().state_dict()
         sharded = [bucket for bucket in self._buckets if bucket.is_sharded]
         dst = 0 if rank0_only else None
-        if self.tensor_rule is not None:
-            full = gather_owned_state(sharded, self.state, self._comm, self.tensor_rule, dst=dst)
-        else:
-            full = gather_full_state(sharded, self.state, self._comm, dst=dst)
+        whole = [bucket for bucket in sharded if self._whole(bucket)]
+        full = gather_full_state([b for b in sharded if not self._whole(b)], self.state, self._comm, dst=dst)
+        if whole:
+            full.update(gather_owned_state(whole, self.state, self._comm, self.tensor_rule, dst=dst))
         if rank0_only and self._comm.rank != 0:
             return {}
         bucketed = {id(p) for bucket in sharded for p in bucket.params}
@@ -802,7 +813,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def memory_report(self) -> MemoryReport:
         """Per rank, the bytes of parameters, gradients, optimizer state and padding (no collective)."""
-        return memory_report(self._buckets, self._shards, self.tensor_rule)
+        return memory_report(
+            self._buckets, self._shards, [self.tensor_rule if self._whole(b) else None for b in self._buckets]
+        )
 
     # -- copies ---------------------------------------------------------------------------------
 

@@ -155,7 +155,8 @@ def load_bucketed_state(
 
     ours = _storages(opt.buckets)
     sources: dict[tuple[int, int, str], Tensor | None] = {}  # None: already in place
-    for bucket in opt.buckets:
+    elementwise = [bucket for bucket in opt.buckets if not opt._whole(bucket)]  # (a matrix group's state is per parameter)
+    for bucket in elementwise:
         tensor_names = set(opt._bucket_rule(bucket).state(HyperParams.of(groups[bucket.layout.group])))
         for position in range(len(bucket.params)):
             entry, segment = saved.get((id(bucket), position)), bucket.segment_of(position)
@@ -166,7 +167,7 @@ def load_bucketed_state(
                     sources[id(bucket), position, name] = _source(bucket, segment, name, value, ours)
 
     def apply() -> None:
-        for bucket in opt.buckets:
+        for bucket in elementwise:
             h = HyperParams.of(opt.param_groups[bucket.layout.group])
             initial = opt._bucket_rule(bucket).state(h)
             loaded = [position for position in range(len(bucket.params)) if (id(bucket), position) in saved]
@@ -289,7 +290,7 @@ def check_shard_state(opt: Optimizer, state: Mapping[str, Any]) -> Callable[[], 
             dtype = bucket.state.steps.dtype
             bucket.state.steps.copy_(torch.tensor(saved["steps"], dtype=dtype))
             bucket.state.scalars = {key: torch.tensor(values, dtype=dtype) for key, values in saved["scalars"].items()}
-            if opt.rule is not None:
+            if opt.rule is not None and not opt._whole(bucket):
                 initial = opt._bucket_rule(bucket).state(HyperParams.of(opt.param_groups[bucket.layout.group]))
                 for position, steps in enumerate(saved["steps"]):
                     if steps > 0:

@@ -40,7 +40,7 @@ DEVICE = "cpu"
 ALGORITHM_NAMES = [
     name for name in shardoptim.__all__
     if isinstance(getattr(shardoptim, name), type) and issubclass(getattr(shardoptim, name), shardoptim.Optimizer)
-    and name != "Optimizer"
+    and name != "Optimizer" and hasattr(torch.optim, name)  # (MuonAdamW combines two of torch's)
 ]
 #: torch's table entries for the algorithms we provide, by name (optim_db also lists Adafactor and Muon).
 INFOS: dict[str, OptimizerInfo] = {

@@ -78,3 +78,24 @@ def test_a_two_rank_checkpoint_loads_at_three_and_one_and_reshards_offline(world
     checkpoint.open_checkpoint(str(tmp_path / "three")).verify()
     for loaded in worlds.get(3).run(matrix_scenarios.load_sharded, name, str(tmp_path / "three")):
         _assert_same(loaded, saved)
+
+
+@pytest.mark.parametrize("config", ["default", "zero2-overlap"])
+@pytest.mark.parametrize("size", [2, 4])
+def test_muon_adamw_sharded_matches_one_process(worlds, size, config):
+    worst = worlds.get(size).run(matrix_scenarios.muon_adamw_sharded_equals_single_process, CONFIGS[config])
+    assert len(set(worst)) == 1, "ranks disagree on the parameters"
+
+
+def test_a_muon_adamw_checkpoint_of_two_ranks_loads_at_three_and_one(worlds, tmp_path):
+    url = str(tmp_path / "two")
+    saved = worlds.get(2).run(matrix_scenarios.save_muon_adamw, url)[0]
+    check_consistency(checkpoint.open_checkpoint(url))
+    for loaded in [*worlds.get(3).run(matrix_scenarios.load_muon_adamw, url),
+                   *worlds.get(1).run(matrix_scenarios.load_muon_adamw, url)]:
+        _assert_same(loaded, saved)
+        assert all(torch.equal(a, b) for a, b in zip(loaded["ema"], saved["ema"]))
+        assert loaded["lr"] == saved["lr"]
+    reshard(url, str(tmp_path / "three"), world_size=3)
+    for loaded in worlds.get(3).run(matrix_scenarios.load_muon_adamw, str(tmp_path / "three")):
+        _assert_same(loaded, saved)

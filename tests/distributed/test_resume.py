@@ -64,3 +64,17 @@ def test_rank_killed_under_torchrun_restarts_and_resumes_bit_for_bit(tmp_path, u
     assert_same_state(tmp_path / "final.safetensors", reference)
     assert logged_losses(run.stdout[resumed.end():]) == logged_losses(reference_output, after=step)
     assert shardoptim.checkpoint.latest(str(ckpt)) == str(ckpt / "step-000000000030")
+
+
+def test_a_muon_adamw_run_killed_under_torchrun_resumes_bit_for_bit(tmp_path):
+    """The README's transformer with Muon on its hidden matrices and AdamW on the rest: rank 1 killed
+    in step 15, restarted, resumed from step 12, ending where the uninterrupted run ends."""
+    reference = tmp_path / "uninterrupted.safetensors"
+    first = torchrun("--optimizer", "MuonAdamW", "--final-state", str(reference))
+    losses = [float(loss) for loss in logged_losses(first.stdout).values()]
+    assert losses[-1] < losses[0], f"MuonAdamW did not train: {losses}"
+    ckpt = tmp_path / "ckpt"
+    run = torchrun("--optimizer", "MuonAdamW", "--ckpt-dir", str(ckpt), "--save-every", "6", "--kill-at-step", "15",
+                   "--final-state", str(tmp_path / "final.safetensors"), max_restarts=1)
+    assert f"resumed from {ckpt / 'step-000000000012'}: step 12 of 30" in run.stdout
+    assert_same_state(tmp_path / "final.safetensors", final_state(reference))
