@@ -99,6 +99,13 @@ def cost(shape: Shape) -> float:
     return float(rows * columns * min(rows, columns))
 
 
+def check_matrices(params: Iterable[Tensor]) -> None:
+    """torch's ``ValueError`` for a parameter that is not a matrix."""
+    for param in params:
+        if param.ndim != 2:
+            raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: {param.size()}")
+
+
 TENSOR_RULE = TensorRule(
     init_state=init_state, update=update, cost=cost,
     state_shapes=lambda shape: {"momentum_buffer": shape},
@@ -147,8 +154,4 @@ class Muon(Optimizer):
         defaults, runtime = split_arguments(locals())
         super().__init__(params, defaults, **runtime)
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.ndim != 2:
-                    raise ValueError(
-                        f"Muon only supports 2D parameters whereas we found a parameter with size: {param.size()}"
-                    )
+            check_matrices(group["params"])

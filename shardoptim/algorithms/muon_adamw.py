@@ -143,11 +143,7 @@ class MuonAdamW(Optimizer):
             return  # the constructor's defaults, {}: each algorithm's were checked in __init__
         self._validate(group, group[USE_MUON])
         if group[USE_MUON]:
-            for param in group.get("params", ()):
-                if param.ndim != 2:
-                    raise ValueError(
-                        f"Muon only supports 2D parameters whereas we found a parameter with size: {param.size()}"
-                    )
+            muon.check_matrices(group.get("params", ()))
 
     @staticmethod
     def _validate(group: Mapping[str, Any], use_muon: bool) -> None:
