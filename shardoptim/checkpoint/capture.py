@@ -5,13 +5,13 @@ tensors, its flat parameters, a ``ShardedEMA``'s averages) from the optimizer's
 ``shard_state_dict()``; tensors every rank holds whole (buckets of a replicated optimizer,
 per-parameter state, the model's buffers and parameters outside the optimizer, an
 ``AveragedModel``) are taken by rank 0 alone. Tensors are the live ones (views, no copies) until
-``Snapshot.on_host()`` copies them for a save that runs in the background.
+``staging.BackgroundCopy`` copies them for a save that runs in the background.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +33,8 @@ class Snapshot:
     """One rank's part of a save: ``shard`` goes to its file, ``shared`` (rank 0 only) to the shared
     file, ``manifest`` (rank 0's is used), ``rng`` (this rank's) and ``owned_state`` (the per-parameter
     optimizer state of the parameters this rank owns whole, a matrix algorithm's, sharded) to the
-    manifest."""
+    manifest. ``stepped`` names the tensors of ``shard`` that only a shardoptim optimizer's ``step()``
+    (or a load into it) writes to."""
 
     rank: int
     world_size: int
@@ -42,25 +43,7 @@ class Snapshot:
     manifest: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
     owned_state: dict[str, Any] = field(default_factory=dict)
-
-    def on_host(self) -> Snapshot:
-        """The same snapshot with every tensor copied to CPU memory (pinned when from CUDA), so
-        training can go on changing the live ones while this is written."""
-        return replace(self, shard=_copied(self.shard), shared=_copied(self.shared))
-
-
-def _copied(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    copies = {}
-    for name, tensor in tensors.items():
-        tensor = tensor.detach()
-        if tensor.device.type == "cuda":
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            copies[name] = host.copy_(tensor, non_blocking=True)
-        else:
-            copies[name] = tensor.clone()
-    if any(t.device.type == "cuda" for t in tensors.values()):
-        torch.cuda.synchronize()
-    return copies
+    stepped: set[str] = field(default_factory=set)
 
 
 def storable(tensor: Tensor) -> Tensor:
@@ -111,6 +94,7 @@ def _capture_optimizer(snapshot: Snapshot, optimizer: torch.optim.Optimizer) -> 
         }
         return {}
     state = optimizer.shard_state_dict()
+    before = set(snapshot.shard)
     buckets = []
     for position, (bucket, saved) in enumerate(zip(optimizer.buckets, state["buckets"])):
         if _writes(bucket.layout.world_size, rank):
@@ -126,6 +110,7 @@ def _capture_optimizer(snapshot: Snapshot, optimizer: torch.optim.Optimizer) -> 
         per_parameter = {}
     else:
         per_parameter = _tensors_out(snapshot, state["per_parameter"], "perparam") if rank == 0 else {}
+    snapshot.stepped = set(snapshot.shard) - before
     snapshot.manifest["optimizer"] = {
         "algorithm": state["algorithm"], "torch": False, "param_groups": to_plain(state["param_groups"]),
         "buckets": buckets, "per_parameter": per_parameter,

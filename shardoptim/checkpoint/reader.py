@@ -89,12 +89,21 @@ class Checkpoint:
     def read_range(self, rank: int, bucket: int, name: str, start: int, stop: int) -> Tensor:
         """Elements ``[start, stop)`` of rank ``rank``'s shard of one bucket's tensor ``name``
         (``"param"``: the parameters; ``"ema"``: a sharded EMA), in the dtype it was saved in."""
+        return self._range(rank, bucket, name, start, stop, view=False)
+
+    def view_range(self, rank: int, bucket: int, name: str, start: int, stop: int) -> Tensor:
+        """:meth:`read_range` as a view of the saved bytes where they are local
+        (:meth:`TensorFileReader.view_range`): only to copy from, at once."""
+        return self._range(rank, bucket, name, start, stop, view=True)
+
+    def _range(self, rank: int, bucket: int, name: str, start: int, stop: int, *, view: bool) -> Tensor:
         dtype = self.buckets[bucket].layout.dtype
         scale = 2 if dtype.is_complex else 1  # stored as the real view
         reader, key = self.shard_reader(rank), state_key(rank, bucket, name)
         if key not in reader.names:
             raise CheckpointFormatError(f"{reader_url(self, rank)}: the manifest expects a tensor {key!r:.100} there")
-        values = reader.read_range(key, start * scale, stop * scale)
+        read = reader.view_range if view else reader.read_range
+        values = read(key, start * scale, stop * scale)
         return torch.view_as_complex(values.view(-1, 2)) if dtype.is_complex else values
 
     def stored_dtype(self, bucket: int, name: str) -> torch.dtype:

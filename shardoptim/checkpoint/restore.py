@@ -121,7 +121,7 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
     target["per_parameter"] = per_parameter_state(checkpoint, kept)
     rank = optimizer.comm.rank
     copies = _copies(checkpoint, optimizer, rank)
-    params = [torch.zeros_like(bucket.shard_param) for bucket in optimizer.buckets]
+    params = []
     for position, (bucket, target_bucket) in enumerate(zip(optimizer.buckets, target["buckets"])):
         indices = [slot.index for slot in bucket.layout.slots]
         target_bucket["steps"], target_bucket["scalars"] = _counts(checkpoint, indices)
@@ -130,17 +130,14 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
         group = optimizer.param_groups[bucket.layout.group]
         elementwise = optimizer.rule is not None and not optimizer.owns_whole_tensors(group)
         initial = optimizer.rule.state(h) if elementwise else {}  # (a matrix group's state is per parameter)
-        names = _names_covering(checkpoint, bucket.layout)
+        mine = [copy_ for copy_ in copies if copy_.target_bucket == position]
+        params.append(_stage(checkpoint, mine, "param", bucket.shard_param, bucket.shard_param.dtype, 0.0))
         target_bucket["state"] = {
-            name: torch.full_like(bucket.shard_param, _initial(initial.get(name, 0.0), bucket.shard_param),
-                                  dtype=bucket.state.dtype)  # wider than the parameters under state_dtype
-            for name in names
+            name: _stage(checkpoint, [c for c in mine if name in checkpoint.buckets[c.source_bucket].names], name,
+                         bucket.shard_param, bucket.state.dtype,  # wider than the parameters under state_dtype
+                         _initial(initial.get(name, 0.0), bucket.shard_param))
+            for name in _names_covering(checkpoint, bucket.layout)
         }
-    for copy_ in copies:
-        _fill(checkpoint, copy_, "param", params[copy_.target_bucket])
-        for name, tensor in target["buckets"][copy_.target_bucket]["state"].items():
-            if name in checkpoint.buckets[copy_.source_bucket].names:
-                _fill(checkpoint, copy_, name, tensor)
     try:
         apply_state = check_shard_state(optimizer, target)
     except (TypeError, KeyError, IndexError, AttributeError) as error:  # hyper-parameters of the wrong kind
@@ -189,10 +186,24 @@ def _copies(checkpoint: Checkpoint, optimizer: Optimizer, rank: int) -> list:
     return plan_copies(layouts(checkpoint.buckets), mine, rank if mine[0].is_sharded else 0)
 
 
-def _fill(checkpoint: Checkpoint, copy_: Any, name: str, target: Tensor) -> None:
-    values = checkpoint.read_range(copy_.source_rank, copy_.source_bucket, name, copy_.source_start,
-                                   copy_.source_start + copy_.numel)
-    target[copy_.target_start : copy_.target_start + copy_.numel] = values
+def _stage(checkpoint: Checkpoint, copies: list, name: str, like_: Tensor, dtype: torch.dtype,
+           initial: float | complex) -> Tensor:
+    """Bucket tensor ``name`` of this rank, checked and ready to copy into the live one, from the ranged
+    reads ``copies``: a view of the saved bytes when one read covers it all (a load at the world size
+    it was saved at), else fresh memory holding the reads and, where none reaches, ``initial``."""
+    numel = like_.numel()
+    if len(copies) == 1 and copies[0].target_start == 0 and copies[0].numel == numel:
+        whole = copies[0]
+        return checkpoint.view_range(whole.source_rank, whole.source_bucket, name, whole.source_start,
+                                     whole.source_start + numel)
+    if sum(copy_.numel for copy_ in copies) == numel:  # the reads are disjoint
+        staged = torch.empty_like(like_, dtype=dtype)
+    else:
+        staged = torch.full_like(like_, initial, dtype=dtype)
+    for copy_ in copies:
+        staged[copy_.target_start : copy_.target_start + copy_.numel] = checkpoint.view_range(
+            copy_.source_rank, copy_.source_bucket, name, copy_.source_start, copy_.source_start + copy_.numel)
+    return staged
 
 
 def _names_covering(checkpoint: Checkpoint, layout: Any) -> list[str]:
@@ -386,9 +397,8 @@ def _stage_ema(checkpoint: Checkpoint, ema: Any, optimizer: Any) -> list:
             raise CheckpointError(f"{checkpoint.url}: the saved EMA is {saved.get('kind')!r}, not a ShardedEMA")
         owner = ema.optimizer
         copies = _copies(checkpoint, owner, owner.comm.rank)
-        shards = [torch.zeros_like(shard) for shard in ema.shards]
-        for copy_ in copies:
-            _fill(checkpoint, copy_, "ema", shards[copy_.target_bucket])
+        shards = [_stage(checkpoint, [c for c in copies if c.target_bucket == position], "ema", shard, shard.dtype, 0.0)
+                  for position, shard in enumerate(ema.shards)]
         state = {"decay": saved.get("decay"), "warmup": saved.get("warmup"), "num_updates": saved.get("num_updates"),
                  "shards": shards}
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import mmap
 import os
 import re
 from collections.abc import Mapping
@@ -173,6 +174,14 @@ class Storage:
                         f"ended after {done} of them"
                     )
                 done += count
+
+    def map_local(self, name: str) -> mmap.mmap:
+        """A private memory map of the whole local file ``name``: its pages are the page cache's, read
+        without a copy, and a write to the map stays in this process (never reaches the file)."""
+        if not self.is_local:
+            raise ValueError(f"{self.url_of(name)}: only a local file can be memory-mapped")
+        with open(self._path(check_name(name)), "rb", buffering=0) as f:
+            return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
     # metadata
 

@@ -8,10 +8,11 @@ A save in four moves, each durable before the next (``Storage`` makes a file vis
 4. synchronously, every rank learns whether the commit happened, and raises if it did not.
 
 A crash anywhere before 3 leaves files no manifest points to, under names with this save's id, so a
-retry never overwrites them and no committed checkpoint ever changes. With ``async_=True`` the
-tensors are copied to host memory first and 2 and 3 run on a background thread (rank 0 then waits
-for the other ranks' records to appear instead of being told); at most one save is in flight, and
-its error surfaces at the next ``save()`` or at ``wait()``.
+retry never overwrites them and no committed checkpoint ever changes. With ``async_=True`` 2 and 3
+run on a background thread (rank 0 then waits for the other ranks' records to appear instead of
+being told), which first copies the optimizer's shard to host memory while training goes on
+(``staging``); at most one save is in flight, and its error surfaces at the next ``save()`` or at
+``wait()``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .capture import Snapshot, capture
 from .errors import CheckpointError
 from .json_codec import decode_json, encode_json
 from .manifest import MANIFEST, Manifest, is_save_file, record_file, shard_file, shared_file
+from .staging import BackgroundCopy
 from .storage import Storage
 from .tensorfile_record import TensorFileRecord
 from .tensorfile_writer import write_tensor_file
@@ -100,7 +102,9 @@ def save(
     when a committed checkpoint is at ``url``, unless ``overwrite``. ``step`` and ``metric`` are
     recorded for ``latest()`` and ``CheckpointManager``'s retention, ``run`` for the manager to tell
     its checkpoints from another job's under the same root. With ``async_=True`` this returns
-    once the tensors are copied to host memory; ``wait()`` waits for the commit.
+    once the tensors training may change are copied to host memory; the optimizer's shard is copied
+    in the background, its next ``step()`` waiting for that copy (see ``staging``); ``wait()`` waits
+    for the commit.
     """
     check_components(model, optimizer, schedulers, ema)
     check_records(step, metric, run)
@@ -117,7 +121,8 @@ def save(
     encode_json(snapshot.manifest)  # not JSON data (extra, a scheduler's state): refused before writing
     job = _SaveJob(storage, snapshot, save_id, step=step, metric=metric, run=run, overwrite=overwrite)
     if async_:
-        job.snapshot = snapshot.on_host()
+        job.staging = BackgroundCopy(snapshot, snapshot.stepped if isinstance(optimizer, Optimizer) else set(),
+                                     optimizer)
         _start(job)
         return
     job.write_own_files()
@@ -160,11 +165,14 @@ class _SaveJob:
         self.save_id = save_id
         self.step, self.metric, self.run, self.overwrite = step, metric, run, overwrite
         self.error: BaseException | None = None
+        self.staging: BackgroundCopy | None = None
         self._thread: threading.Thread | None = None
 
     def write_own_files(self) -> None:
         """Write this rank's files, then its record; keep the error instead of raising it."""
         try:
+            if self.staging is not None:
+                self.snapshot = self.staging.finish()
             snapshot, records = self.snapshot, {}
             rank, world = snapshot.rank, snapshot.world_size
             name = shard_file(rank, world, self.save_id)
@@ -258,5 +266,7 @@ class _SaveJob:
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
+        if self.staging is not None:
+            self.staging.release()
         if self.error is not None:
             raise CheckpointError(f"the background save to {self.storage.url} failed: {self.error}") from self.error

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import random
+import threading
+import time
 
 import numpy
 import pytest
@@ -14,6 +16,7 @@ from torch import nn
 import shardoptim
 from shardoptim import checkpoint
 from shardoptim.checkpoint import CheckpointError, IncompleteCheckpointError, open_checkpoint
+from shardoptim.checkpoint import staging
 from shardoptim.checkpoint.manifest import MANIFEST
 from shardoptim.checkpoint.storage import Storage
 
@@ -208,6 +211,50 @@ def test_async_save_copies_first_and_commits_in_the_background(tmp_path):
     checkpoint.load(url, **components(*loaded))
     assert_equal(snapshot(*loaded)["model"], expected["model"])
     assert_equal(snapshot(*loaded)["optimizer"], expected["optimizer"])
+
+
+@pytest.fixture
+def slow_background_copy(monkeypatch):
+    """The save's thread pauses before it copies the optimizer's shard, so training reaches its next
+    step (or a stray write) first: what a big model's copy looks like to a small one's loop."""
+    copies = staging.HostBuffers.copies
+
+    def slowly(self, tensors):
+        if threading.current_thread().name == "shardoptim-checkpoint":
+            time.sleep(0.3)
+        return copies(self, tensors)
+
+    monkeypatch.setattr(staging.HostBuffers, "copies", slowly)
+
+
+def test_the_step_after_an_async_save_waits_for_its_copy(tmp_path, slow_background_copy):
+    model, opt, sched, ema = setup()
+    train(model, opt, sched, ema, range(2))
+    for round_ in range(2):  # the second save reuses the first one's host buffers
+        expected = snapshot(model, opt, sched, ema)
+        url = str(tmp_path / f"async-{round_}")
+        checkpoint.save(url, **components(model, opt, sched, ema), async_=True)
+        train(model, opt, sched, ema, range(2, 4))  # its step() is held until the copy is made
+        checkpoint.wait()
+        loaded = setup(seed=4)
+        checkpoint.load(url, **components(*loaded))
+        assert_equal(snapshot(*loaded), expected)
+
+
+def test_a_write_to_the_parameters_during_the_copy_fails_the_save(tmp_path, slow_background_copy):
+    model, opt, sched, ema = setup()
+    train(model, opt, sched, ema, range(2))
+    url = str(tmp_path / "torn")
+    checkpoint.save(url, **components(model, opt, sched, ema), async_=True)
+    with torch.no_grad():
+        model.body[0].weight.mul_(2)  # not through step(): nothing holds it
+    with pytest.raises(CheckpointError, match="written to in place while the background save copied them"):
+        checkpoint.wait()
+    with pytest.raises(IncompleteCheckpointError):
+        checkpoint.load(url, **components(model, opt, sched, ema))
+    checkpoint.save(url, **components(model, opt, sched, ema), async_=True)  # the next one is whole
+    checkpoint.wait()
+    checkpoint.load(url, **components(*setup(seed=3)))
 
 
 def test_an_async_save_error_surfaces_at_the_next_call(tmp_path):

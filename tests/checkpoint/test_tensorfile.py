@@ -232,6 +232,31 @@ def test_a_flipped_data_byte_is_caught_naming_file_and_tensor(storage):
     assert not _same(unchecked.read("damaged"), tensors["damaged"])  # what the CRC protects against
 
 
+def test_views_are_checked_like_reads(storage):
+    tensors = {"clean": torch.randn(1000), "damaged": torch.randn(1000)}
+    record = write_tensor_file(storage, "f.safetensors", tensors, crc_block_bytes=1000)
+    reader = TensorFileReader(storage, "f.safetensors", expected=record)
+    assert _same(reader.view_range("damaged", 0, 1000), tensors["damaged"])
+    _flip(storage, "f.safetensors", record.tensor("damaged").offset + 2500)
+    reader = TensorFileReader(storage, "f.safetensors", expected=record)
+    assert _same(reader.view_range("clean", 10, 990), tensors["clean"][10:990])
+    assert _same(reader.view_range("damaged", 0, 500), tensors["damaged"][:500])
+    for start, stop in [(0, 1000), (600, 700), (499, 501)]:
+        with pytest.raises(CheckpointIntegrityError, match=r"f\.safetensors: tensor 'damaged': CRC32 mismatch in its bytes \[2000, 3000\)"):
+            reader.view_range("damaged", start, stop)
+    assert reader.view_range("damaged", 7, 7).numel() == 0
+    with pytest.raises(ValueError, match=r"element range \[5, 1001\)"):
+        reader.view_range("damaged", 5, 1001)
+
+
+def test_a_view_written_to_leaves_the_file_as_it_was(storage):
+    tensor = torch.arange(10.0)
+    record = write_tensor_file(storage, "f.safetensors", {"t": tensor})
+    reader = TensorFileReader(storage, "f.safetensors", expected=record)
+    reader.view_range("t", 0, 10).add_(100)  # against the contract; a local map is private all the same
+    assert _same(TensorFileReader(storage, "f.safetensors", expected=record).read("t"), tensor)
+
+
 @pytest.mark.parametrize("digest", ["crc32", "sha256"])
 def test_verify_detects_any_flipped_byte(tmp_path, digest):
     storage = Storage(str(tmp_path))
