@@ -121,7 +121,7 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
     target["per_parameter"] = per_parameter_state(checkpoint, kept)
     rank = optimizer.comm.rank
     copies = _copies(checkpoint, optimizer, rank)
-    params = []
+    params = _param_pieces(checkpoint, optimizer, copies) if model is not None else []
     for position, (bucket, target_bucket) in enumerate(zip(optimizer.buckets, target["buckets"])):
         indices = [slot.index for slot in bucket.layout.slots]
         target_bucket["steps"], target_bucket["scalars"] = _counts(checkpoint, indices)
@@ -131,7 +131,6 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
         elementwise = optimizer.rule is not None and not optimizer.owns_whole_tensors(group)
         initial = optimizer.rule.state(h) if elementwise else {}  # (a matrix group's state is per parameter)
         mine = [copy_ for copy_ in copies if copy_.target_bucket == position]
-        params.append(_stage(checkpoint, mine, "param", bucket.shard_param, bucket.shard_param.dtype, 0.0))
         target_bucket["state"] = {
             name: _stage(checkpoint, [c for c in mine if name in checkpoint.buckets[c.source_bucket].names], name,
                          bucket.shard_param, bucket.state.dtype,  # wider than the parameters under state_dtype
@@ -148,9 +147,11 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
         apply_state()
         if model is not None:  # the parameters travel with the optimizer's buckets
             with torch.no_grad():
-                for bucket, values in zip(optimizer.buckets, params):
-                    bucket.shard_param.copy_(values)
-            optimizer.gather_params()
+                for bucket, pieces in zip(optimizer.buckets, params):
+                    for offset, values in pieces:
+                        bucket.flat_param[offset : offset + values.numel()].copy_(values)
+            if not checkpoint.storage.is_local:
+                optimizer.gather_params()
 
     return [apply]
 
@@ -184,6 +185,26 @@ def _copies(checkpoint: Checkpoint, optimizer: Optimizer, rank: int) -> list:
     if not mine:
         return []
     return plan_copies(layouts(checkpoint.buckets), mine, rank if mine[0].is_sharded else 0)
+
+
+def _param_pieces(checkpoint: Checkpoint, optimizer: Optimizer, copies: list) -> list[list[tuple[int, Tensor]]]:
+    """Per bucket, the checked saved parameters to copy into its ``flat_param``, as (offset, values).
+
+    On local storage every rank reads all of them (views of the page cache: cheaper than the
+    all-gather that would follow); elsewhere only its own shard (``copies``), then gathers.
+    """
+    pieces: list[list[tuple[int, Tensor]]] = [[] for _ in optimizer.buckets]
+    plans = {optimizer.comm.rank if optimizer.buckets and optimizer.buckets[0].is_sharded else 0: copies}
+    if checkpoint.storage.is_local and optimizer.buckets:
+        mine = [bucket.layout for bucket in optimizer.buckets]
+        plans = {rank: plan_copies(layouts(checkpoint.buckets), mine, rank) for rank in range(mine[0].world_size)}
+    for rank, plan in plans.items():
+        for copy_ in plan:
+            start = optimizer.buckets[copy_.target_bucket].layout.bounds[rank][0]
+            values = checkpoint.view_range(copy_.source_rank, copy_.source_bucket, "param", copy_.source_start,
+                                           copy_.source_start + copy_.numel)
+            pieces[copy_.target_bucket].append((start + copy_.target_start, values))
+    return pieces
 
 
 def _stage(checkpoint: Checkpoint, copies: list, name: str, like_: Tensor, dtype: torch.dtype,

@@ -37,6 +37,24 @@ from .tensorfile_record import TensorFileRecord, TensorRecord
 FIRST_READ_BYTES = 64 * 2**10
 #: Threads that check the CRCs of a mapped range (CRC32 releases the GIL).
 MAPPED_CHECK_THREADS = min(4, os.cpu_count() or 1)
+_checkers: ThreadPoolExecutor | None = None
+
+
+def _checker_pool() -> ThreadPoolExecutor:
+    """The threads that check mapped ranges, started once: a load checks dozens of ranges, and
+    starting threads for each cost more than the checks on a busy machine."""
+    global _checkers
+    if _checkers is None:
+        _checkers = ThreadPoolExecutor(max_workers=MAPPED_CHECK_THREADS, thread_name_prefix="shardoptim-crc")
+    return _checkers
+
+
+def _forget_checkers() -> None:
+    global _checkers
+    _checkers = None  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_checkers)
 
 
 class TensorFileReader:
@@ -149,8 +167,7 @@ class TensorFileReader:
             self._check_block(record, index, lo, hi, mapped[base + lo : base + hi], crcs[index], None)
 
         indices = range(byte_start // block, (byte_stop - 1) // block + 1)
-        with ThreadPoolExecutor(max_workers=MAPPED_CHECK_THREADS, thread_name_prefix="shardoptim-crc") as pool:
-            list(pool.map(check, indices))  # raises the first mismatch
+        list(_checker_pool().map(check, indices))  # raises the first mismatch
 
     def read_all(self) -> dict[str, torch.Tensor]:
         """Every tensor, in file order."""
