@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -11,6 +12,8 @@ from torch import Tensor
 from .alias import alias, aliases_buffer
 from .layout import BucketLayout, Segment
 from .shard_state import ShardState
+
+_grad_of = operator.attrgetter("grad")
 
 #: Fresh gradients of at least this many elements are left where autograd put them in a bucket that
 #: ``keeps_large_grads``: copying them into ``flat_grad`` is a full extra pass over them during backward
@@ -105,10 +108,10 @@ class FlatBucket:
 
     def moved_params(self) -> list[int]:
         """Positions of the parameters that something re-pointed since (``p.data = ...``, ``.to(...)``)."""
-        return [
-            position for position, (param, ptr) in enumerate(zip(self.params, self._param_ptrs))
-            if param.data_ptr() != ptr
-        ]
+        pointers = list(map(Tensor.data_ptr, self.params))  # per step: one C call per parameter
+        if pointers == self._param_ptrs:
+            return []
+        return [position for position, (now, ptr) in enumerate(zip(pointers, self._param_ptrs)) if now != ptr]
 
     def holds_param(self, position: int) -> bool:
         """Whether the parameter still reads its range of ``flat_param`` (nothing re-pointed it since)."""
@@ -172,6 +175,9 @@ class FlatBucket:
     def take_grads(self, *, keep_large: bool = False) -> list[int]:
         """``take_grad`` for every parameter; the positions that have a gradient (this is per step:
         gradients already in ``flat_grad``, the usual case, are found without a call per parameter)."""
+        if self._grad_views and all(map(operator.is_, map(_grad_of, self.params), self._grad_views)):
+            self.sparse_positions, self.kept_positions = set(), set()
+            return list(range(len(self.params)))
         views = self._grad_views or [None] * len(self.params)
         present, sparse, kept = [], set(), set()
         for position, (param, view) in enumerate(zip(self.params, views)):

@@ -417,10 +417,12 @@ class Optimizer(torch.optim.Optimizer):
                 c = rule.scalars(h, step) if rule.scalar_state is None else rule.scalars(
                     h, step, before=dict(before), after=dict(after)
                 )
-                self._run(bucket, implementation, [p for p in kind if p not in sparse], initial, h, step, c)
+                self._run(bucket, implementation, [p for p in kind if p not in sparse] if sparse else kind,
+                          initial, h, step, c)
                 for position in sparse.intersection(kind):
                     self._run_sparse(bucket, position, initial, h, c)
-        torch.autograd.graph.increment_version([bucket.params[p] for p in positions])
+        everything = len(positions) == len(bucket.params)
+        torch.autograd.graph.increment_version(bucket.params if everything else [bucket.params[p] for p in positions])
 
     def _update_tensors(self, index: int, positions: list[int]) -> None:
         """Phase 3 for one bucket of a matrix algorithm: each parameter this rank owns, updated whole
@@ -500,12 +502,16 @@ class Optimizer(torch.optim.Optimizer):
         state = bucket.state
         created = state.allocate(initial)
         steps = state.count_steps(positions)
-        starting = [position for position, step in zip(positions, steps) if step == 1]
+        uniform = steps[0] == steps[-1] and len(set(steps)) == 1
+        if uniform:
+            starting = positions if steps[0] == 1 else []
+        else:
+            starting = [position for position, step in zip(positions, steps) if step == 1]
         carried = {name: value for name, value in initial.items() if name not in created}
         if carried:
             for position in starting:
                 state.reset(bucket.segment_of(position), carried)
-        if self.rule.scalar_state is None and steps[0] == steps[-1] and len(set(steps)) == 1:
+        if self.rule.scalar_state is None and uniform:
             kinds = {(steps[0], (), ()): positions}  # the usual step: one kind, one update call
         else:
             kinds = defaultdict(list)

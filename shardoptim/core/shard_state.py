@@ -80,8 +80,8 @@ class ShardState:
             self.steps.add_(1)
         else:
             self.steps[list(positions)] += 1
-        counts = self.steps.tolist()
-        return [int(counts[position]) for position in positions]
+        counts = list(map(int, self.steps.tolist()))
+        return counts if len(positions) == len(counts) else [counts[position] for position in positions]
 
     def set_scalars(self, positions: Sequence[int], values: dict[str, Tensor | float]) -> None:
         """Store per-slot scalars of ``positions``; each name is allocated on first use."""
