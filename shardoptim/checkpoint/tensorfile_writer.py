@@ -34,7 +34,7 @@ from .tensorfile_record import MAX_CRC_BLOCK_BYTES, TensorFileRecord, TensorReco
 logger = logging.getLogger(__name__)
 
 DEFAULT_PIECE_BYTES = 8 * 2**20
-DEFAULT_CRC_BLOCK_BYTES = 4 * 2**20
+DEFAULT_CRC_BLOCK_BYTES = 2**20
 
 
 def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> None:
