@@ -121,7 +121,7 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
     target["per_parameter"] = per_parameter_state(checkpoint, kept)
     rank = optimizer.comm.rank
     copies = _copies(checkpoint, optimizer, rank)
-    params = _param_pieces(checkpoint, optimizer, copies) if model is not None else []
+    params = _param_pieces(checkpoint, optimizer, rank) if model is not None else []
     for position, (bucket, target_bucket) in enumerate(zip(optimizer.buckets, target["buckets"])):
         indices = [slot.index for slot in bucket.layout.slots]
         target_bucket["steps"], target_bucket["scalars"] = _counts(checkpoint, indices)
@@ -179,28 +179,32 @@ def _same_family(saved: str, optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _copies(checkpoint: Checkpoint, optimizer: Optimizer, rank: int) -> list:
-    """The ranged reads that fill this rank's part of every bucket; a rank of an optimizer whose
-    buckets are whole (one that cannot shard, under a process group) fills them all, as rank 0."""
+    """The ranged reads that fill rank ``rank``'s part of every bucket (see ``_part``)."""
     mine = [bucket.layout for bucket in optimizer.buckets]
     if not mine:
         return []
-    return plan_copies(layouts(checkpoint.buckets), mine, rank if mine[0].is_sharded else 0)
+    return plan_copies(layouts(checkpoint.buckets), mine, _part(optimizer, rank))
 
 
-def _param_pieces(checkpoint: Checkpoint, optimizer: Optimizer, copies: list) -> list[list[tuple[int, Tensor]]]:
+def _part(optimizer: Optimizer, rank: int) -> int:
+    """The part of the buckets rank ``rank`` holds: its own, or, where the buckets are whole (an
+    optimizer that cannot shard, under a process group), all of them, as rank 0."""
+    return rank if optimizer.buckets and optimizer.buckets[0].is_sharded else 0
+
+
+def _param_pieces(checkpoint: Checkpoint, optimizer: Optimizer, rank: int) -> list[list[tuple[int, Tensor]]]:
     """Per bucket, the checked saved parameters to copy into its ``flat_param``, as (offset, values).
 
     On local storage every rank reads all of them (views of the page cache: cheaper than the
-    all-gather that would follow); elsewhere only its own shard (``copies``), then gathers.
+    all-gather that would follow); elsewhere only its own part (``_copies``), then gathers.
     """
     pieces: list[list[tuple[int, Tensor]]] = [[] for _ in optimizer.buckets]
-    plans = {optimizer.comm.rank if optimizer.buckets and optimizer.buckets[0].is_sharded else 0: copies}
+    parts = [_part(optimizer, rank)]
     if checkpoint.storage.is_local and optimizer.buckets:
-        mine = [bucket.layout for bucket in optimizer.buckets]
-        plans = {rank: plan_copies(layouts(checkpoint.buckets), mine, rank) for rank in range(mine[0].world_size)}
-    for rank, plan in plans.items():
-        for copy_ in plan:
-            start = optimizer.buckets[copy_.target_bucket].layout.bounds[rank][0]
+        parts = range(optimizer.buckets[0].layout.world_size)
+    for part in parts:
+        for copy_ in _copies(checkpoint, optimizer, part):
+            start = optimizer.buckets[copy_.target_bucket].layout.bounds[part][0]
             values = checkpoint.view_range(copy_.source_rank, copy_.source_bucket, "param", copy_.source_start,
                                            copy_.source_start + copy_.numel)
             pieces[copy_.target_bucket].append((start + copy_.target_start, values))

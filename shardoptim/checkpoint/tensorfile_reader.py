@@ -74,6 +74,7 @@ class TensorFileReader:
     ) -> None:
         self.storage = storage
         self._map: mmap.mmap | None = None
+        self._mapped_checked: set[tuple[str, int]] = set()  # (tensor, CRC block) checked in the map
         self.name = check_name(name)
         self.url = storage.url_of(name)
         self.expected = expected
@@ -129,9 +130,7 @@ class TensorFileReader:
         Reads only the bytes of that range (plus, with a record, the rest of the CRC blocks at its two
         ends, to check them).
         """
-        entry = self.entry(name)
-        if type(start) is not int or type(stop) is not int or not 0 <= start <= stop <= entry.numel:
-            raise ValueError(f"{self.url}: tensor {name!r}: element range [{start}, {stop}) is not inside [0, {entry.numel}]")
+        entry = self._entry_for_range(name, start, stop)
         out = torch.empty(stop - start, dtype=entry.dtype)
         self._read_bytes(entry, start * entry.itemsize, stop * entry.itemsize, byte_view(out))
         return out
@@ -142,11 +141,9 @@ class TensorFileReader:
 
         Views of one file share memory: copy from them, do not write to them or keep them.
         """
-        entry = self.entry(name)
         if not self.storage.is_local or start == stop:
             return self.read_range(name, start, stop)
-        if type(start) is not int or type(stop) is not int or not 0 <= start <= stop <= entry.numel:
-            raise ValueError(f"{self.url}: tensor {name!r}: element range [{start}, {stop}) is not inside [0, {entry.numel}]")
+        entry = self._entry_for_range(name, start, stop)
         if self._map is None:
             self._map = self.storage.map_local(self.name)
         base = self.header.data_start + entry.begin
@@ -155,8 +152,15 @@ class TensorFileReader:
             self._check_mapped(entry, base, byte_start, byte_stop)
         return torch.frombuffer(self._map, dtype=entry.dtype, count=stop - start, offset=base + byte_start)
 
+    def _entry_for_range(self, name: str, start: int, stop: int) -> TensorEntry:
+        entry = self.entry(name)
+        if type(start) is not int or type(stop) is not int or not 0 <= start <= stop <= entry.numel:
+            raise ValueError(f"{self.url}: tensor {name!r}: element range [{start}, {stop}) is not inside [0, {entry.numel}]")
+        return entry
+
     def _check_mapped(self, entry: TensorEntry, base: int, byte_start: int, byte_stop: int) -> None:
-        """Check every CRC block that overlaps bytes ``[byte_start, byte_stop)`` of ``entry``, from the map."""
+        """Check every CRC block that overlaps bytes ``[byte_start, byte_stop)`` of ``entry``, from the map;
+        a block checked by an earlier view (ranges that meet inside a block, when resharding) once."""
         record = self.expected.tensor(entry.name)
         block = self.expected.crc_block_bytes
         crcs = record.block_crcs()
@@ -166,8 +170,10 @@ class TensorFileReader:
             lo, hi = index * block, min((index + 1) * block, entry.nbytes)
             self._check_block(record, index, lo, hi, mapped[base + lo : base + hi], crcs[index], None)
 
-        indices = range(byte_start // block, (byte_stop - 1) // block + 1)
+        indices = [index for index in range(byte_start // block, (byte_stop - 1) // block + 1)
+                   if (entry.name, index) not in self._mapped_checked]
         list(_checker_pool().map(check, indices))  # raises the first mismatch
+        self._mapped_checked.update((entry.name, index) for index in indices)
 
     def read_all(self) -> dict[str, torch.Tensor]:
         """Every tensor, in file order."""
