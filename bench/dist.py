@@ -396,10 +396,6 @@ def storage_bytes(tensors: Sequence[torch.Tensor | None]) -> int:
     return sum(seen.values())
 
 
-def flat_grad_bytes(opt: shardoptim.Optimizer) -> int:
-    return storage_bytes([bucket.flat_grad for bucket in opt.buckets])
-
-
 def bench_memory(config: ShardingConfig, *, steps: int = 3) -> dict[str, Any]:
     """fp32 Adam with ``config`` (``shard_grads=True``) on the model: this rank's bytes after a step and
     their peak in backward, from ``memory_report()`` and from the storages of the buckets' tensors."""

@@ -517,11 +517,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def _trainable_algorithms() -> list[str]:
-    """shardoptim's optimizers this loop can drive (LBFGS needs a closure, SparseAdam sparse gradients)."""
+    """shardoptim's optimizers this loop can drive (LBFGS needs a closure, SparseAdam sparse gradients,
+    Muon matrices only: MuonAdamW gives it the model's matrices)."""
     return [
         name for name in shardoptim.__all__
         if isinstance(getattr(shardoptim, name), type) and issubclass(getattr(shardoptim, name), shardoptim.Optimizer)
-        and name not in ("Optimizer", "LBFGS", "SparseAdam")
+        and name not in ("Optimizer", "LBFGS", "SparseAdam", "Muon")
     ]
 
 
