@@ -72,7 +72,7 @@ def capture(
     snapshot.manifest["params"] = _param_table(optimizer, model)
     snapshot.manifest["schedulers"] = [to_plain(scheduler.state_dict()) for scheduler in schedulers]
     if ema is not None:
-        snapshot.manifest["ema"] = _capture_ema(snapshot, ema, optimizer)
+        snapshot.manifest["ema"] = _capture_ema(snapshot, ema)
     snapshot.manifest["extra"] = extra
     tensors, snapshot.rng = capture_rng()
     snapshot.shard.update({f"r{rank}.rng.{name}": state for name, state in tensors.items()})
@@ -184,7 +184,7 @@ def _param_table(optimizer: torch.optim.Optimizer | None, model: nn.Module | Non
     return table
 
 
-def _capture_ema(snapshot: Snapshot, ema: Any, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def _capture_ema(snapshot: Snapshot, ema: Any) -> dict[str, Any]:
     if isinstance(ema, ShardedEMA):
         state = ema.state_dict()
         buckets = ema.optimizer.buckets

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import BucketLayout, owned_pieces
+from ..core import BucketLayout, Copy, owned_pieces
 from .capture import TENSOR
 from .errors import CheckpointError, CheckpointFormatError
 from .manifest import MANIFEST, Manifest, shard_file, shared_file, state_key
@@ -95,6 +95,19 @@ class Checkpoint:
         """:meth:`read_range` as a view of the saved bytes where they are local
         (:meth:`TensorFileReader.view_range`): only to copy from, at once."""
         return self._range(rank, bucket, name, start, stop, view=True)
+
+    def assemble(self, copies: Sequence[Copy], name: str, numel: int, *, dtype: torch.dtype,
+                 fill: float | complex) -> Tensor:
+        """A new shard of ``numel`` elements of bucket tensor ``name``, in fresh memory, from the ranged
+        reads ``copies`` (``core.plan_copies``), ``fill`` where none reaches."""
+        if sum(copy_.numel for copy_ in copies) == numel:  # the reads are disjoint: they cover it all
+            shard = torch.empty(numel, dtype=dtype)
+        else:
+            shard = torch.full((numel,), fill, dtype=dtype)
+        for copy_ in copies:
+            shard[copy_.target_start : copy_.target_start + copy_.numel] = self.view_range(
+                copy_.source_rank, copy_.source_bucket, name, copy_.source_start, copy_.source_start + copy_.numel)
+        return shard
 
     def _range(self, rank: int, bucket: int, name: str, start: int, stop: int, *, view: bool) -> Tensor:
         dtype = self.buckets[bucket].layout.dtype

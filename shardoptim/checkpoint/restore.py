@@ -64,7 +64,7 @@ def load(
             steps += _stage_model(checkpoint, model, optimizer, strict)
         steps += _stage_schedulers(checkpoint, schedulers, strict)
         if ema is not None:
-            steps += _stage_ema(checkpoint, ema, optimizer)
+            steps += _stage_ema(checkpoint, ema)
         steps += _stage_rng(checkpoint, comm.rank)
     except BaseException as caught:  # noqa: BLE001 - every rank learns that a rank failed
         error = caught
@@ -105,7 +105,7 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
     saved = checkpoint.manifest.optimizer
     if saved is None:
         raise CheckpointError(f"{checkpoint.url}: the checkpoint holds no optimizer")
-    if saved["algorithm"] != type(optimizer).__name__ and not _same_family(saved["algorithm"], optimizer):
+    if not _same_family(saved["algorithm"], optimizer):
         raise CheckpointError(
             f"{checkpoint.url}: a checkpoint of {saved['algorithm']} cannot be loaded into {type(optimizer).__name__}"
         )
@@ -175,7 +175,7 @@ def _params_by_index(optimizer: torch.optim.Optimizer) -> dict[int, Tensor]:
 
 def _same_family(saved: str, optimizer: torch.optim.Optimizer) -> bool:
     """``shardoptim.AdamW`` and ``torch.optim.AdamW`` read each other's checkpoints."""
-    return saved == type(optimizer).__name__ or any(cls.__name__ == saved for cls in type(optimizer).__mro__)
+    return any(cls.__name__ == saved for cls in type(optimizer).__mro__)
 
 
 def _copies(checkpoint: Checkpoint, optimizer: Optimizer, rank: int) -> list:
@@ -221,14 +221,7 @@ def _stage(checkpoint: Checkpoint, copies: list, name: str, like_: Tensor, dtype
         whole = copies[0]
         return checkpoint.view_range(whole.source_rank, whole.source_bucket, name, whole.source_start,
                                      whole.source_start + numel)
-    if sum(copy_.numel for copy_ in copies) == numel:  # the reads are disjoint
-        staged = torch.empty_like(like_, dtype=dtype)
-    else:
-        staged = torch.full_like(like_, initial, dtype=dtype)
-    for copy_ in copies:
-        staged[copy_.target_start : copy_.target_start + copy_.numel] = checkpoint.view_range(
-            copy_.source_rank, copy_.source_bucket, name, copy_.source_start, copy_.source_start + copy_.numel)
-    return staged
+    return checkpoint.assemble(copies, name, numel, dtype=dtype, fill=initial)
 
 
 def _names_covering(checkpoint: Checkpoint, layout: Any) -> list[str]:
@@ -413,7 +406,7 @@ def _stage_schedulers(checkpoint: Checkpoint, schedulers: Sequence[Any], strict:
     return [apply]
 
 
-def _stage_ema(checkpoint: Checkpoint, ema: Any, optimizer: Any) -> list:
+def _stage_ema(checkpoint: Checkpoint, ema: Any) -> list:
     saved = checkpoint.manifest.ema
     if saved is None:
         raise CheckpointError(f"{checkpoint.url}: the checkpoint holds no EMA")

@@ -75,6 +75,7 @@ class TensorFileReader:
         self.storage = storage
         self._map: mmap.mmap | None = None
         self._mapped_checked: set[tuple[str, int]] = set()  # (tensor, CRC block) checked in the map
+        self._partial_blocks: dict[tuple[str, int], memoryview] = {}  # the last range's checked end blocks
         self.name = check_name(name)
         self.url = storage.url_of(name)
         self.expected = expected
@@ -190,17 +191,26 @@ class TensorFileReader:
         block = self.expected.crc_block_bytes
         crcs = record.block_crcs()
         pending: Future[None] | None = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardoptim-crc") as pool:
-            for index in range(byte_start // block, (byte_stop - 1) // block + 1):
-                lo, hi = index * block, min((index + 1) * block, entry.nbytes)
-                whole = byte_start <= lo and hi <= byte_stop
-                target = out[lo - byte_start : hi - byte_start] if whole else memoryview(bytearray(hi - lo))
-                self.storage.read_into(self.name, base + lo, target)
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(self._check_block, record, index, lo, hi, target, crcs[index], None if whole else (byte_start, byte_stop, out))
+        partial: dict[tuple[str, int], memoryview] = {}
+        for index in range(byte_start // block, (byte_stop - 1) // block + 1):
+            lo, hi = index * block, min((index + 1) * block, entry.nbytes)
+            whole = byte_start <= lo and hi <= byte_stop
+            keep = None if whole else (byte_start, byte_stop, out)
+            checked = self._partial_blocks.get((entry.name, index))
+            if checked is not None:  # the end block of the previous range, read and checked then
+                self._keep(lo, hi, checked, (byte_start, byte_stop, out))
+                continue
+            target = out[lo - byte_start : hi - byte_start] if whole else memoryview(bytearray(hi - lo))
+            self.storage.read_into(self.name, base + lo, target)
             if pending is not None:
                 pending.result()
+            pending = _checker_pool().submit(self._check_block, record, index, lo, hi, target, crcs[index], keep)
+            if not whole:
+                partial[(entry.name, index)] = target
+        if pending is not None:
+            pending.result()
+        # Ranges read one after another (a parameter at a time) meet inside blocks: keep this one's ends.
+        self._partial_blocks = partial
 
     def _check_block(
         self,
@@ -218,6 +228,11 @@ class TensorFileReader:
                 f"{self.url}: tensor {record.name!r}: CRC32 mismatch in its bytes [{lo}, {hi}) (file offset "
                 f"{record.offset + lo}, block {index}): read {crc:08x}, recorded {expected_crc:08x}; the file is corrupted"
             )
+        self._keep(lo, hi, data, copy_into)
+
+    @staticmethod
+    def _keep(lo: int, hi: int, data: memoryview, copy_into: tuple[int, int, memoryview] | None) -> None:
+        """Copy the part of block bytes ``[lo, hi)`` inside the range of ``copy_into`` into its buffer."""
         if copy_into is not None:
             byte_start, byte_stop, out = copy_into
             keep_lo, keep_hi = max(lo, byte_start), min(hi, byte_stop)

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import BucketLayout, ParamSpec, plan_buckets, plan_copies
-from ..core.layout import plan_tensor_buckets
+from ..core import BucketLayout, Optimizer, ParamSpec, plan_copies
 from ..core.rule import HyperParams
 from .capture import TENSOR, storable
 from .consistency import check_consistency
@@ -51,19 +50,13 @@ def plan_layouts(checkpoint: Checkpoint, world_size: int) -> list[BucketLayout]:
         for slot in layout.slots:
             specs[layout.group].append(ParamSpec(slot.index, layout.group, slot.shape, layout.dtype, layout.device,
                                                  layout.trainable))
-    sharded = world_size > 1
-    cap = saved.get("bucket_cap_numel") if sharded else None
-    cls = _algorithm(saved.get("algorithm"))
+    cls = _algorithm(saved.get("algorithm")) or Optimizer
     groups = saved.get("param_groups", [])
     planned: list[BucketLayout] = []
     for group in sorted(specs):
         members = sorted(specs[group], key=lambda spec: spec.index)
-        whole = cls is not None and group < len(groups) and cls.owns_whole_tensors(groups[group])
-        if whole:  # a matrix algorithm's group: whole-tensor partitions, as the optimizer plans them
-            planned += plan_tensor_buckets(members, world_size=world_size, cost=cls.tensor_rule.cost,
-                                           bucket_cap_numel=cap, backward_order=sharded)
-        else:
-            planned += plan_buckets(members, world_size=world_size, bucket_cap_numel=cap, backward_order=sharded)
+        planned += cls.plan_group_buckets(members, groups[group] if group < len(groups) else {},
+                                          world_size=world_size, bucket_cap_numel=saved.get("bucket_cap_numel"))
     return planned
 
 
@@ -199,13 +192,9 @@ def _rank_tensors(
         mine = [c for c in copies if c.target_bucket == position]
         for name in ["param", *entry["names"], *(["ema"] if with_ema else [])]:
             fill = initial(layout.group).get(name, 0.0) if name in entry["names"] else 0.0
-            shard = torch.full((layout.shard_numel(rank),), complex(fill, fill) if layout.dtype.is_complex else fill,
-                               dtype=_stored_dtype(checkpoint, layout, name))
-            for c in mine:
-                if name in ("param", "ema") or name in checkpoint.buckets[c.source_bucket].names:
-                    shard[c.target_start : c.target_start + c.numel] = checkpoint.read_range(
-                        c.source_rank, c.source_bucket, name, c.source_start, c.source_start + c.numel
-                    )
+            reads = [c for c in mine if name in ("param", "ema") or name in checkpoint.buckets[c.source_bucket].names]
+            shard = checkpoint.assemble(reads, name, layout.shard_numel(rank), dtype=_stored_dtype(checkpoint, layout, name),
+                                        fill=complex(fill, fill) if layout.dtype.is_complex else fill)
             tensors[state_key(rank, position, name)] = storable(shard)
             progress.advance(shard.nbytes)
     return tensors

@@ -280,15 +280,24 @@ class Optimizer(torch.optim.Optimizer):
         return self.owns_whole_tensors(self.param_groups[bucket.layout.group])
 
     def _plan_buckets(self, specs: Sequence[ParamSpec]) -> tuple[BucketLayout, ...]:
-        """The flat buckets of one new param group's parameters: flat partitions, or whole-tensor ones
-        for a matrix algorithm's group."""
-        sharded = self._shards > 1
-        cap = self.sharding.bucket_cap_numel if sharded else None
-        if specs and self.owns_whole_tensors(self.param_groups[specs[0].group]):
-            return plan_tensor_buckets(
-                specs, world_size=self._shards, cost=self.tensor_rule.cost, bucket_cap_numel=cap, backward_order=sharded
-            )
-        return plan_buckets(specs, world_size=self._shards, bucket_cap_numel=cap, backward_order=sharded)
+        if not specs:
+            return ()
+        return self.plan_group_buckets(specs, self.param_groups[specs[0].group], world_size=self._shards,
+                                       bucket_cap_numel=self.sharding.bucket_cap_numel)
+
+    @classmethod
+    def plan_group_buckets(
+        cls, specs: Sequence[ParamSpec], group: Mapping[str, Any], *, world_size: int, bucket_cap_numel: int | None
+    ) -> tuple[BucketLayout, ...]:
+        """The buckets of one param group's parameters at ``world_size`` ranks: flat partitions, or
+        whole-tensor ones for a matrix algorithm's group. What construction plans, and what an offline
+        reshard must plan alike for a checkpoint to load bit for bit."""
+        sharded = world_size > 1
+        cap = bucket_cap_numel if sharded else None
+        if cls.owns_whole_tensors(group):
+            return tuple(plan_tensor_buckets(specs, world_size=world_size, cost=cls.tensor_rule.cost,
+                                             bucket_cap_numel=cap, backward_order=sharded))
+        return tuple(plan_buckets(specs, world_size=world_size, bucket_cap_numel=cap, backward_order=sharded))
 
     def _param_name(self, group_index: int, param: Tensor) -> str:
         group = self.param_groups[group_index]
