@@ -121,8 +121,11 @@ def start_state(rule: UpdateRule, h: HyperParams, param: Tensor) -> dict[str, An
     return entry
 
 
-def step_parameter(rule: UpdateRule, group: dict[str, Any], param: Tensor, entry: dict[str, Any]) -> None:
-    """One update of ``param`` (which has a dense ``.grad``) and its torch-format ``entry``, under autograd."""
+def step_parameter(
+    rule: UpdateRule, group: dict[str, Any], param: Tensor, entry: dict[str, Any], inverse_scale: Tensor | None = None
+) -> None:
+    """One update of ``param`` (which has a dense ``.grad``, times ``1 / inverse_scale`` when given:
+    torch.amp.GradScaler's, left to the step) and its torch-format ``entry``, under autograd."""
     h = HyperParams.of(group, keep_tensors=True)
     first = not entry
     if first:
@@ -142,7 +145,7 @@ def step_parameter(rule: UpdateRule, group: dict[str, Any], param: Tensor, entry
         for name, value in after.items():
             entry[name] = value if isinstance(value, Tensor) else torch.tensor(value, dtype=scalar_dtype())
         c = rule.scalars(h, step, before=before, after=after)
-    p, g = param, param.grad
+    p, g = param, param.grad if inverse_scale is None else param.grad * inverse_scale.to(param.grad.device)
     states = {name: entry[name] for name in rule.state(h)}
     if param.is_complex():
         p, g = torch.view_as_real(p), torch.view_as_real(g)

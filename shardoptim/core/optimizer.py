@@ -7,7 +7,7 @@ import copy
 import types
 import warnings
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -238,22 +238,18 @@ class Optimizer(torch.optim.Optimizer):
 
     def _place_group(self, index: int) -> None:
         group = self.param_groups[index]
-        first: dict[int, ParamSpec] = {}
-        repeats: dict[int, int] = {}  # torch warns of a repeated parameter and updates it once per listing
+        by_index: dict[int, Tensor] = {}  # each parameter at the index of its first listing
+        seen: set[int] = set()
         for i, param in enumerate(group["params"]):
-            spec = first.get(id(param))
-            if spec is None:
-                first[id(param)] = ParamSpec.of(param, self._param_count + i, index)
-            else:
-                repeats[spec.index] = repeats.get(spec.index, 0) + 1
+            if id(param) not in seen:
+                seen.add(id(param))
+                by_index[self._param_count + i] = param
         self._param_count += len(group["params"])
         if self._per_parameter(group):
             return
-        by_index = {spec.index: param for param, spec in zip(_unique(group["params"]), first.values())}
-        for layout in self._plan_buckets(list(first.values())):
-            bucket = self._make_bucket(layout, [by_index[slot.index] for slot in layout.slots])
-            bucket.repeats = {p: repeats[s.index] for p, s in enumerate(layout.slots) if s.index in repeats}
-            self._buckets.append(bucket)
+        specs = [ParamSpec.of(param, i, index) for i, param in by_index.items()]
+        for layout in self._plan_buckets(specs):
+            self._buckets.append(self._make_bucket(layout, [by_index[slot.index] for slot in layout.slots]))
         self._sync.buckets_changed()
 
     def _make_bucket(self, layout: BucketLayout, params: list[Tensor]) -> FlatBucket:
@@ -263,6 +259,9 @@ class Optimizer(torch.optim.Optimizer):
             on_grad_arriving=self._sync.grad_arriving if self._sync.overlaps else None,
             state_dtype=self._bucket_state_dtype(layout.dtype, lambda: self._param_name(layout.group, params[0])),
         )
+        # torch warns of a parameter listed twice in a group and updates it once per listing.
+        listings = Counter(map(id, self.param_groups[layout.group]["params"]))
+        bucket.repeats = {position: listings[id(p)] - 1 for position, p in enumerate(params) if listings[id(p)] > 1}
         # Only a torch kernel over lists can read gradients where autograd left them; sharded, the
         # gradients must be in flat_grad to be averaged.
         bucket.keeps_large_grads = (not layout.is_sharded and self.rule is not None and self.rule.kernel is not None
@@ -349,8 +348,8 @@ class Optimizer(torch.optim.Optimizer):
             self._check_params()
             if self._skips_for_inf():
                 self._sync.end_step()
-            else:
-                self._step_buckets()
+                return loss
+            self._step_buckets()
         with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
             self._step_per_parameter()
         return loss
@@ -580,7 +579,7 @@ class Optimizer(torch.optim.Optimizer):
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError(self.rule.sparse_error)
-                step_parameter(self.rule, group, param, self.state[param])
+                step_parameter(self.rule, group, param, self.state[param], self._inverse_grad_scale())
 
     def _check_params(self) -> None:
         """Follow what users do to parameters after building the optimizer.
@@ -900,12 +899,6 @@ def _comm_for(process_group: Any, config: ShardingConfig) -> Comm:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) == 1:
         return LocalComm()
     return ProcessGroupComm(process_group, config)
-
-
-def _unique(params: Iterable[Tensor]) -> list[Tensor]:
-    """``params`` without repeats, in order of first appearance."""
-    seen: set[int] = set()
-    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]
 
 
 def _rounds(positions: list[int], repeats: dict[int, int]) -> Iterator[list[int]]:

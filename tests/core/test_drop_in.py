@@ -415,6 +415,21 @@ def test_a_parameter_listed_twice_is_updated_twice_as_in_torch():
     assert results[1][1]["param_groups"][0]["params"] == results[0][1]["param_groups"][0]["params"]
 
 
+def test_a_parameter_listed_twice_is_still_updated_twice_after_a_conversion():
+    results = []
+    for module in (torch.optim, shardoptim):
+        a, b = nn.Parameter(torch.tensor([1.0, -2.0])), nn.Parameter(torch.tensor([3.0]))
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            opt = module.SGD([a, b, a], lr=0.1)
+        for p in (a, b):  # what model.double() does, before the first step (the buckets are packed anew)
+            p.data = p.data.double()
+        for _ in range(2):
+            a.grad, b.grad = torch.ones(2, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+            opt.step()
+        results.append((a.detach().clone(), b.detach().clone()))
+    torch.testing.assert_close(results[1], results[0])
+
+
 def test_sparse_adam_clip_grad_norm_clips():
     embed_ours, embed_torch = twins(nn.Embedding(10, 3, sparse=True))
     ours = shardoptim.SparseAdam(embed_ours.parameters())

@@ -553,14 +553,21 @@ def overlap_launches_during_backward() -> dict[str, int]:
     return {"launched_in_backward": launched, "buckets": len(opt.buckets)}
 
 
-def grad_scaler_with_an_inf_on_one_rank(scaler_kind: str) -> dict[str, Any]:
+def grad_scaler_with_an_inf_on_one_rank(scaler_kind: str, differentiable_inp: bool = False) -> dict[str, Any]:
     """AMP on a sharded optimizer, an inf injected into rank 1's gradient at step 1: every rank must
-    skip that step together; with shardoptim's scaler every rank also lowers its scale alike."""
+    skip that step together; with shardoptim's scaler every rank also lowers its scale alike.
+    ``differentiable_inp``: the layer that gets the inf in a ``differentiable=True`` group of its own
+    (updated per parameter, outside the buckets)."""
     import warnings
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model, _ = models()
-    opt = shardoptim.SGD(model.parameters(), lr=0.1, momentum=0.9, process_group=dist.group.WORLD)
+    params: Any = model.parameters()
+    if differentiable_inp:
+        inp = list(model.inp.parameters())
+        params = [{"params": inp, "differentiable": True},
+                  {"params": [p for p in model.parameters() if all(p is not q for q in inp)]}]
+    opt = shardoptim.SGD(params, lr=0.1, momentum=0.9, process_group=dist.group.WORLD)
     scaler_class = shardoptim.amp.GradScaler if scaler_kind == "shardoptim" else torch.amp.GradScaler
     scaler = scaler_class("cpu", init_scale=2.0**10, growth_interval=1)
     scales, skipped = [], []

@@ -122,6 +122,12 @@ def test_grad_scaler_skips_an_inf_step_on_every_rank(worlds, scaler):
         assert results[0]["warned"], "torch's scaler on the rank that saw no inf: told to use ours"
 
 
+def test_grad_scaler_skips_an_inf_step_in_a_differentiable_group_too(worlds):
+    results = worlds.get(2).run(scenarios.grad_scaler_with_an_inf_on_one_rank, "shardoptim", True)
+    for result in results:
+        assert result["skipped"] == [False, True, False, False], "the inf step, and only it, is skipped"
+
+
 def test_a_dead_peer_fails_the_step_within_the_timeout(worlds):
     world = worlds.get(2)
     try:
