@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..core import BucketLayout, FlatBucket, Optimizer, ParamSpec, ShardingConfig, plan_buckets
+from ..core.alias import real_view
 from ..core.hparams import learning_rate
 
 #: Numbers that travel through the line search: Python numbers or 0-D tensors, exactly as they arise
@@ -28,10 +29,6 @@ Scalar = float | Tensor
 
 #: A curvature pair enters the history only when :math:`y^\top s` exceeds this.
 CURVATURE_EPS = 1e-10
-
-
-def _as_real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t).view(-1) if t.is_complex() else t
 
 
 class ParameterVector:
@@ -47,13 +44,13 @@ class ParameterVector:
         if len(self._buckets) == 1:
             (bucket,) = self._buckets  # its slots are the parameters, in order, without gaps
             numel = bucket.layout.slots[-1].end if bucket.layout.slots else 0
-            self._params = [_as_real(bucket.flat_param[:numel])]
-            self._grads = [_as_real(bucket.flat_grad[:numel])]
+            self._params = [real_view(bucket.flat_param[:numel])]
+            self._grads = [real_view(bucket.flat_grad[:numel])]
         else:
             where = {id(p): (b, slot) for b in self._buckets for p, slot in zip(b.params, b.layout.slots)}
             located = [where[id(p)] for p in params]
-            self._params = [_as_real(b.flat_param[slot.offset : slot.end]) for b, slot in located]
-            self._grads = [_as_real(b.flat_grad[slot.offset : slot.end]) for b, slot in located]
+            self._params = [real_view(b.flat_param[slot.offset : slot.end]) for b, slot in located]
+            self._grads = [real_view(b.flat_grad[slot.offset : slot.end]) for b, slot in located]
 
     def collect_grads(self) -> None:
         """Bring every parameter's gradient into the buckets' ``flat_grad``: None counts as zeros, as in

@@ -77,3 +77,9 @@ def aliases_buffer(tensor: Tensor, flat: Tensor, start: int) -> bool:
         and tensor.device == flat.device
         and (tensor.numel() == 0 or tensor.data_ptr() == flat.data_ptr() + start * flat.element_size())
     )
+
+
+def real_view(tensor: Tensor) -> Tensor:
+    """A complex tensor as a flat real one, twice as long (what every algorithm and collective works
+    on, as torch.optim treats a complex number as a pair of reals); a real one as it is."""
+    return torch.view_as_real(tensor).view(-1) if tensor.is_complex() else tensor

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .alias import real_view
 from .compiled import compiled_form
 from .rule import HyperParams, UpdateRule
 from .tensorlist import run_eager
@@ -82,14 +83,14 @@ def run_update(
 ) -> None:
     """One update of the pieces ``params[i]`` (1-D slices of a flat shard) from ``grads[i]``.
 
-    ``steps`` are 0-D tensors holding ``step`` for torch's kernels; ``c`` the rule's per-step scalars.
+    ``steps`` are 0-D tensors holding ``step`` for torch's fused kernels (empty for the others); ``c``
+    the rule's per-step scalars.
     ``COMPILED`` takes one piece: a whole shard.
     """
     if params[0].is_complex():
         # Every algorithm treats a complex number as a pair of reals, as torch.optim does.
-        as_real = lambda tensors: [torch.view_as_real(t).view(-1) for t in tensors]  # noqa: E731
-        params, grads = as_real(params), as_real(grads)
-        states = {name: as_real(tensors) for name, tensors in states.items()}
+        params, grads = list(map(real_view, params)), list(map(real_view, grads))
+        states = {name: list(map(real_view, tensors)) for name, tensors in states.items()}
     if implementation is Implementation.FUSED:
         rule.kernel(params, grads, states, steps, h, step)
     elif implementation is Implementation.COMPILED:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .alias import real_view
 from .comm import DONE, Bounds, Pending, Reduction
 from .config import ShardingConfig
 
@@ -67,11 +68,6 @@ def _replicated(flat: Tensor, shard: Tensor, bounds: Bounds) -> bool:
 
 def _even(ranges: Sequence[tuple[int, int]]) -> bool:
     return len({stop - start for start, stop in ranges}) == 1
-
-
-def _real(tensor: Tensor) -> Tensor:
-    """A complex flat tensor as a flat real one (twice as long), so shard boundaries stay aligned."""
-    return torch.view_as_real(tensor).view(-1) if tensor.is_complex() else tensor
 
 
 class CollectiveError(RuntimeError):
@@ -155,7 +151,7 @@ class ProcessGroupComm:
     def launch_average(self, flat: Tensor, shard: Tensor, *, bounds: Bounds = None, label: str = "") -> Pending:
         replicated = _replicated(flat, shard, bounds)
         ranges = [] if replicated else self._ranges(flat, bounds)
-        flat, shard = _real(flat), _real(shard)
+        flat, shard = real_view(flat), real_view(shard)
         average = self.pattern(flat.device).average
         if replicated or average == "all_reduce":
             works = self._all_reduce_average(flat, shard, ranges, replicated)
@@ -242,7 +238,7 @@ class ProcessGroupComm:
         if _replicated(flat, shard, bounds):
             return DONE
         ranges = self._ranges(flat, bounds)
-        flat, shard = _real(flat), _real(shard)
+        flat, shard = real_view(flat), real_view(shard)
         return self._labelled(self._gather(flat, shard, ranges, dst), label)
 
     def _gather(self, flat: Tensor, shard: Tensor, ranges: list[tuple[int, int]], dst: int | None) -> _Works:

@@ -51,6 +51,7 @@ class GradSync:
         self.accumulating = False
         self._sharded = sharded
         self._indices: dict[int, int] = {}
+        self._planned_order: list[int] | None = None  # the buckets' launch order, until they change
         #: Steps taken so far: what errors of the step's collectives say they were part of.
         self.steps_taken = 0
         self._reset()
@@ -59,6 +60,7 @@ class GradSync:
         """The optimizer added or replaced buckets: forget what was planned for the old ones."""
         self.end_step()
         self._indices = {}
+        self._planned_order = None
 
     @property
     def overlaps(self) -> bool:
@@ -171,10 +173,14 @@ class GradSync:
         self._reset()
 
     def _fix_order(self) -> None:
-        """Decide this step's launch order, and which buckets are active, once."""
+        """Decide this step's launch order (the buckets' own, planned once per set of buckets) and, with
+        overlap, which buckets are active (parameters may be frozen or unfrozen between steps)."""
         if self._order is None:
-            self._order = self._launch_order()
-            self._active = [index for index in self._order if any(p.requires_grad for p in self._buckets[index].params)]
+            if self._planned_order is None:
+                self._planned_order = self._launch_order()
+            self._order = self._planned_order
+            if self.overlaps:
+                self._active = [i for i in self._order if any(p.requires_grad for p in self._buckets[i].params)]
 
     def _launch_order(self) -> list[int]:
         # Backward delivers the latest parameters first: a bucket completes when its earliest one does.

@@ -412,7 +412,7 @@ class Optimizer(torch.optim.Optimizer):
             return
         rule = self._bucket_rule(bucket)
         group = self.param_groups[bucket.layout.group]
-        sparse = bucket.sparse_positions.intersection(positions)
+        sparse = bucket.sparse_positions.intersection(positions) if bucket.sparse_positions else set()
         if sparse and rule.sparse_update is None:
             raise RuntimeError(rule.sparse_error)
         if bucket.is_sharded:
@@ -427,7 +427,7 @@ class Optimizer(torch.optim.Optimizer):
                 )
                 self._run(bucket, implementation, [p for p in kind if p not in sparse] if sparse else kind,
                           initial, h, step, c)
-                for position in sparse.intersection(kind):
+                for position in sparse.intersection(kind) if sparse else ():
                     self._run_sparse(bucket, position, initial, h, c)
         everything = len(positions) == len(bucket.params)
         torch.autograd.graph.increment_version(bucket.params if everything else [bucket.params[p] for p in positions])
@@ -480,7 +480,8 @@ class Optimizer(torch.optim.Optimizer):
         cut = lambda flat: [flat[start:stop] for start, stop, _ in pieces]  # noqa: E731
         grads = [bucket.shard_grad[start:stop] if grad is None else grad for start, stop, grad in pieces]
         states = {name: cut(bucket.state.tensors[name]) for name in initial}
-        steps = [self._step_tensor(bucket.layout.device, step)] * len(pieces)
+        # Only torch's fused kernels read the step from a tensor.
+        steps = [self._step_tensor(bucket.layout.device, step)] * len(pieces) if implementation is Implementation.FUSED else []
         run_update(implementation, self._bucket_rule(bucket), cut(bucket.shard_param), grads, states, steps, h, step, c)
 
     def _run_sparse(self, bucket: FlatBucket, position: int, initial: dict[str, float], h: HyperParams, c: Any) -> None:

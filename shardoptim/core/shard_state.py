@@ -80,7 +80,7 @@ class ShardState:
             self.steps.add_(1)
         else:
             self.steps[list(positions)] += 1
-        counts = list(map(int, self.steps.tolist()))
+        counts = self.steps.long().tolist()
         return counts if len(positions) == len(counts) else [counts[position] for position in positions]
 
     def set_scalars(self, positions: Sequence[int], values: dict[str, Tensor | float]) -> None:
