@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..core import HyperParams, Optimizer, plan_copies
+from ..core.shard_state import initial_fill
 from ..core.state_dicts import check_shard_state, index_of_params
 from ..ema import AveragedModel, ShardedEMA
 from ..sched.state import like
@@ -134,7 +135,7 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
         target_bucket["state"] = {
             name: _stage(checkpoint, [c for c in mine if name in checkpoint.buckets[c.source_bucket].names], name,
                          bucket.shard_param, bucket.state.dtype,  # wider than the parameters under state_dtype
-                         _initial(initial.get(name, 0.0), bucket.shard_param))
+                         initial_fill(initial.get(name, 0.0), bucket.shard_param.dtype))
             for name in _names_covering(checkpoint, bucket.layout)
         }
     try:
@@ -233,10 +234,6 @@ def _names_covering(checkpoint: Checkpoint, layout: Any) -> list[str]:
         if indices.intersection(slot.index for slot in bucket.layout.slots):
             names += [name for name in bucket.names if name not in names]
     return names
-
-
-def _initial(value: float, like_: Tensor) -> float | complex:
-    return complex(value, value) if like_.is_complex() else value
 
 
 def _counts(checkpoint: Checkpoint, indices: list[int]) -> tuple[list[int], dict[str, list[float]]]:

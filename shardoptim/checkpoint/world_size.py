@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..core import BucketLayout, Optimizer, ParamSpec, plan_copies
 from ..core.rule import HyperParams
+from ..core.shard_state import initial_fill
 from .capture import TENSOR, storable
 from .consistency import check_consistency
 from .errors import CheckpointError
@@ -194,7 +195,7 @@ def _rank_tensors(
             fill = initial(layout.group).get(name, 0.0) if name in entry["names"] else 0.0
             reads = [c for c in mine if name in ("param", "ema") or name in checkpoint.buckets[c.source_bucket].names]
             shard = checkpoint.assemble(reads, name, layout.shard_numel(rank), dtype=_stored_dtype(checkpoint, layout, name),
-                                        fill=complex(fill, fill) if layout.dtype.is_complex else fill)
+                                        fill=initial_fill(fill, layout.dtype))
             tensors[state_key(rank, position, name)] = storable(shard)
             progress.advance(shard.nbytes)
     return tensors

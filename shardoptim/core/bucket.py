@@ -56,10 +56,8 @@ class FlatBucket:
     ) -> None:
         self.layout = layout
         self.params = list(params)
-        self.rank = rank
         self.start, self.stop = layout.shard_range(rank)
-        self.segments: tuple[Segment, ...] = layout.segments(rank)
-        self._segment_by_slot = {segment.slot: segment for segment in self.segments}
+        self._segment_by_slot = {segment.slot: segment for segment in layout.segments(rank)}
         self.keeps_large_grads = False
         #: Extra updates per step of a parameter listed more than once in its group (torch updates it
         #: once per listing), by position.
@@ -245,9 +243,9 @@ class FlatBucket:
         for position, param in enumerate(self.params):
             if self._hooks[position] or not param.requires_grad:
                 continue
-            handles = [param.register_post_accumulate_grad_hook(_ready_watcher(ref, position))]
+            handles = [param.register_post_accumulate_grad_hook(_watcher(ref, position, "_ready"))]
             if self.on_grad_arriving is not None:
-                handles.append(param.register_hook(_arrival_watcher(ref, position)))
+                handles.append(param.register_hook(_watcher(ref, position, "_arriving")))
             self._hooks[position] = handles
 
     def _arriving(self, position: int) -> None:
@@ -285,22 +283,15 @@ def _gaps(layout: BucketLayout) -> list[tuple[int, int]]:
     return gaps
 
 
-def _arrival_watcher(bucket_ref: weakref.ref[FlatBucket], position: int) -> Callable[[Tensor], None]:
-    def watch(grad: Tensor) -> None:
+def _watcher(bucket_ref: weakref.ref[FlatBucket], position: int, event: str) -> Callable[[Tensor], None]:
+    """An autograd hook that calls the bucket's ``event`` method for its parameter ``position``; it holds
+    the bucket weakly, so a dropped optimizer's hooks keep nothing alive."""
+    def hook(_: Tensor) -> None:
         bucket = bucket_ref()
         if bucket is not None:
-            bucket._arriving(position)
+            getattr(bucket, event)(position)
 
-    return watch
-
-
-def _ready_watcher(bucket_ref: weakref.ref[FlatBucket], position: int) -> Callable[[Tensor], None]:
-    def ready(param: Tensor) -> None:
-        bucket = bucket_ref()
-        if bucket is not None:
-            bucket._ready(position)
-
-    return ready
+    return hook
 
 
 def _remove_hooks(hooks: list[list]) -> None:

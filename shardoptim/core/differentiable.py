@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .rule import HyperParams, UpdateRule
-from .shard_state import scalar_dtype
+from .shard_state import initial_fill, scalar_dtype
 
 #: Methods whose scalar keyword multiplies one tensor operand: (keyword, position of that operand).
 _SCALED = {
@@ -113,8 +113,7 @@ def start_state(rule: UpdateRule, h: HyperParams, param: Tensor) -> dict[str, An
     if rule.step_in_state:
         entry["step"] = torch.tensor(0.0, dtype=scalar_dtype())
     for name, value in rule.state(h).items():
-        fill = complex(value, value) if param.is_complex() else value
-        entry[name] = torch.full_like(param, fill, memory_format=torch.preserve_format)
+        entry[name] = torch.full_like(param, initial_fill(value, param.dtype), memory_format=torch.preserve_format)
     if rule.scalar_state is not None:
         for name, value in rule.scalar_state(h, 0).items():
             entry[name] = torch.as_tensor(value, dtype=scalar_dtype()).clone()

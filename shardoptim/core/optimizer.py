@@ -294,9 +294,9 @@ class Optimizer(torch.optim.Optimizer):
         sharded = world_size > 1
         cap = bucket_cap_numel if sharded else None
         if cls.owns_whole_tensors(group):
-            return tuple(plan_tensor_buckets(specs, world_size=world_size, cost=cls.tensor_rule.cost,
-                                             bucket_cap_numel=cap, backward_order=sharded))
-        return tuple(plan_buckets(specs, world_size=world_size, bucket_cap_numel=cap, backward_order=sharded))
+            return plan_tensor_buckets(specs, world_size=world_size, cost=cls.tensor_rule.cost,
+                                       bucket_cap_numel=cap, backward_order=sharded)
+        return plan_buckets(specs, world_size=world_size, bucket_cap_numel=cap, backward_order=sharded)
 
     def _param_name(self, group_index: int, param: Tensor) -> str:
         group = self.param_groups[group_index]
@@ -787,9 +787,8 @@ class Optimizer(torch.optim.Optimizer):
             merged_groups.append(merged)
         bucketed = self._state_in_buckets()
         apply_buckets = load_bucketed_state(self, merged_groups, saved_groups, saved_state, bucketed)
-        per_parameter = load_per_parameter_state(merged_groups, saved_groups, saved_state, bucketed)
-        elsewhere = self._not_kept_here()
-        per_parameter = {param: entry for param, entry in per_parameter.items() if id(param) not in elsewhere}
+        per_parameter = load_per_parameter_state(merged_groups, saved_groups, saved_state,
+                                                 bucketed | self._not_kept_here())
         if self.tensor_rule is not None:  # a number where torch keeps a 0-D tensor (an old state dict's step)
             for entry in per_parameter.values():
                 for name in self.tensor_rule.scalar_names:

@@ -105,5 +105,9 @@ class ShardState:
         return part.view(slot.shape) if segment.numel == slot.numel else part
 
     def _fill(self, value: float) -> float | complex:
-        # torch starts a complex state at complex(v, v) for a real initial value v.
-        return complex(value, value) if self.layout.dtype.is_complex else value
+        return initial_fill(value, self.layout.dtype)
+
+
+def initial_fill(value: float, dtype: torch.dtype) -> float | complex:
+    """A state's initial ``value`` in ``dtype``: torch starts a complex state at complex(v, v)."""
+    return complex(value, value) if dtype.is_complex else value

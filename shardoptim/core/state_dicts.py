@@ -74,13 +74,14 @@ def cast_like(param: Tensor, value: Any, key: Any = None) -> Any:
 
 def load_per_parameter_state(
     groups: Sequence[Mapping[str, Any]], saved_groups: Sequence[Mapping[str, Any]],
-    saved_state: Mapping[Any, Any], bucketed: set[int],
+    saved_state: Mapping[Any, Any], skip: set[int],
 ) -> dict[Tensor, dict[str, Any]]:
-    """The torch-format state of the parameters outside buckets, cast as torch casts it."""
+    """The torch-format state of the parameters that keep it here (all but the ``id``s ``skip``: state
+    in buckets, or kept by another rank), cast as torch casts it."""
     state: dict[Tensor, dict[str, Any]] = {}
     for group, saved in zip(groups, saved_groups):
         for param, index in zip(group["params"], saved["params"]):
-            if id(param) not in bucketed and index in saved_state:
+            if id(param) not in skip and index in saved_state:
                 state[param] = cast_like(param, saved_state[index])
     return state
 
@@ -264,12 +265,9 @@ def check_shard_state(opt: Optimizer, state: Mapping[str, Any]) -> Callable[[], 
         candidate = merged_group(group, saved)
         opt._check_group(candidate)
         merged.append(candidate)
-    bucketed = opt._state_in_buckets()
     per_parameter = load_per_parameter_state(
-        merged, [{"params": g["params"]} for g in saved_groups], state.get("per_parameter", {}), bucketed
+        merged, saved_groups, state.get("per_parameter", {}), opt._state_in_buckets() | opt._not_kept_here()
     )
-    elsewhere = opt._not_kept_here()
-    per_parameter = {param: entry for param, entry in per_parameter.items() if id(param) not in elsewhere}
 
     def apply() -> None:
         for group, candidate in zip(opt.param_groups, merged):
