@@ -21,7 +21,7 @@ from ..core import Optimizer
 from ..core.state_dicts import index_of_params, pack_groups
 from ..ema import AveragedModel, ShardedEMA
 from ..sched.state import to_plain
-from .manifest import state_key
+from .manifest import rng_key, state_key
 from .rng import capture_rng
 
 #: The marker of a tensor inside JSON data (per-parameter optimizer state): the key of the tensor.
@@ -75,7 +75,7 @@ def capture(
         snapshot.manifest["ema"] = _capture_ema(snapshot, ema)
     snapshot.manifest["extra"] = extra
     tensors, snapshot.rng = capture_rng()
-    snapshot.shard.update({f"r{rank}.rng.{name}": state for name, state in tensors.items()})
+    snapshot.shard.update({rng_key(rank, name): state for name, state in tensors.items()})
     return snapshot
 
 

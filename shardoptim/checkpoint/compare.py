@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .consistency import check_consistency
 from .consolidate import ema_state, model_state, optimizer_state
+from .manifest import rng_key
 from .reader import Checkpoint, open_checkpoint
 
 _MISSING = object()
@@ -193,9 +194,7 @@ class _Comparer:
 
 
 def _rng_tensors(checkpoint: Checkpoint, rank: int) -> dict[str, Tensor]:
-    reader = checkpoint.shard_reader(rank)
-    prefix = f"r{rank}.rng."
-    return {name: reader.read(name) for name in reader.names if name.startswith(prefix)}
+    return {rng_key(rank, name): state for name, state in checkpoint.read_rng(rank).items()}
 
 
 def _differences(a: Tensor, b: Tensor, rtol: float, atol: float) -> tuple[int, float, float]:

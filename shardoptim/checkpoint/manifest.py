@@ -67,6 +67,11 @@ def state_key(rank: int, bucket: int, name: str) -> str:
     return f"r{rank}.b{bucket}.{name}"
 
 
+def rng_key(rank: int, generator: str) -> str:
+    """The key of one of rank ``rank``'s random generator states, in that rank's file."""
+    return f"r{rank}.rng.{generator}"
+
+
 def topology_of(params: Sequence[Mapping[str, Any]]) -> str:
     """A digest of the parameter table (order, shapes, dtypes, groups): equal tables, equal digests."""
     canonical = json.dumps([[p["shape"], p["dtype"], p["group"]] for p in params], separators=(",", ":"))

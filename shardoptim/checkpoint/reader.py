@@ -19,7 +19,7 @@ from torch import Tensor
 from ..core import BucketLayout, Copy, owned_pieces
 from .capture import TENSOR
 from .errors import CheckpointError, CheckpointFormatError
-from .manifest import MANIFEST, Manifest, shard_file, shared_file, state_key
+from .manifest import MANIFEST, Manifest, rng_key, shard_file, shared_file, state_key
 from .storage import Storage
 from .tensorfile_reader import TensorFileReader
 
@@ -112,19 +112,20 @@ class Checkpoint:
     def _range(self, rank: int, bucket: int, name: str, start: int, stop: int, *, view: bool) -> Tensor:
         dtype = self.buckets[bucket].layout.dtype
         scale = 2 if dtype.is_complex else 1  # stored as the real view
-        reader, key = self.shard_reader(rank), state_key(rank, bucket, name)
-        if key not in reader.names:
-            raise CheckpointFormatError(f"{reader_url(self, rank)}: the manifest expects a tensor {key!r:.100} there")
+        reader, key = self._rank_reader_with(rank, state_key(rank, bucket, name))
         read = reader.view_range if view else reader.read_range
         values = read(key, start * scale, stop * scale)
         return torch.view_as_complex(values.view(-1, 2)) if dtype.is_complex else values
 
+    def read_rng(self, rank: int) -> dict[str, Tensor]:
+        """Rank ``rank``'s saved random generator states, by generator name."""
+        reader, prefix = self.shard_reader(rank), rng_key(rank, "")
+        return {name.removeprefix(prefix): reader.read(name) for name in reader.names if name.startswith(prefix)}
+
     def stored_dtype(self, bucket: int, name: str) -> torch.dtype:
         """The dtype bucket ``bucket``'s tensor ``name`` was saved in: the bucket's, or a wider one
         (state and master kept in ``state_dtype``)."""
-        reader, key = self.shard_reader(0), state_key(0, bucket, name)
-        if key not in reader.names:
-            raise CheckpointFormatError(f"{reader_url(self, 0)}: the manifest expects a tensor {key!r:.100} there")
+        reader, key = self._rank_reader_with(0, state_key(0, bucket, name))
         dtype = reader.entry(key).dtype
         return dtype.to_complex() if self.buckets[bucket].layout.dtype.is_complex else dtype
 
@@ -158,11 +159,16 @@ class Checkpoint:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.manifest.world_size:
             raise CheckpointFormatError(f"{self.url}: a tensor reference names rank {rank!r:.40}, not one of "
                                         f"the {self.manifest.world_size} that saved")
+        reader, key = self._rank_reader_with(rank, key)
+        values = reader.read(key)
+        return torch.view_as_complex(values) if complex_ else values
+
+    def _rank_reader_with(self, rank: int, key: str) -> tuple[TensorFileReader, str]:
+        """Rank ``rank``'s file, which the manifest says holds tensor ``key``; refused if it does not."""
         reader = self.shard_reader(rank)
         if key not in reader.names:
             raise CheckpointFormatError(f"{reader_url(self, rank)}: the manifest expects a tensor {key!r:.100} there")
-        values = reader.read(key)
-        return torch.view_as_complex(values) if complex_ else values
+        return reader, key
 
     def tensors_in(self, value: Any) -> Any:
         """JSON data of per-parameter state with its tensors read back from the shared file (or, for

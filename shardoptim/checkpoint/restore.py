@@ -437,8 +437,6 @@ def _stage_rng(checkpoint: Checkpoint, rank: int) -> list:
     saved = checkpoint.manifest.rng
     if rank >= len(saved):
         return []  # a rank the saving run did not have: its generators stay as they are
-    reader = checkpoint.shard_reader(rank)
-    prefix = f"r{rank}.rng."
-    tensors = {name[len(prefix):]: reader.read(name) for name in reader.names if name.startswith(prefix)}
+    tensors = checkpoint.read_rng(rank)
     check_rng(tensors, saved[rank], where=f"{checkpoint.url}: rng[{rank}]")
     return [lambda: restore_rng(tensors, saved[rank])]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .manifest import VERSION, shard_file, shared_file
+from .manifest import VERSION, rng_key, shard_file, shared_file
 from .reader import Checkpoint
 from .safetensors_header import SAFETENSORS_DTYPES
 
@@ -134,5 +134,6 @@ def _rng(checkpoint: Checkpoint) -> dict[str, Any]:
     manifest = checkpoint.manifest
     first = manifest.rng[0] if manifest.rng and isinstance(manifest.rng[0], dict) else {}
     record = manifest.files.get(shard_file(0, manifest.world_size, manifest.save_id))
-    tensors = [t.name.removeprefix("r0.rng.") for t in record.tensors if t.name.startswith("r0.rng.")] if record else []
+    prefix = rng_key(0, "")
+    tensors = [t.name.removeprefix(prefix) for t in record.tensors if t.name.startswith(prefix)] if record else []
     return {"ranks": len(manifest.rng), "generators": sorted(tensors) + sorted(first)}

@@ -31,7 +31,7 @@ from ..core.shard_state import initial_fill
 from .capture import TENSOR, storable
 from .consistency import check_consistency
 from .errors import CheckpointError
-from .manifest import MANIFEST, Manifest, shard_file, shared_file, state_key
+from .manifest import MANIFEST, Manifest, rng_key, shard_file, shared_file, state_key
 from .progress import SILENT, Progress
 from .reader import Checkpoint, layouts, open_checkpoint
 from .storage import Storage
@@ -105,9 +105,7 @@ def reshard(
             tensors = _rank_tensors(checkpoint, new_layouts, buckets, rank, progress)
             tensors.update(owned[rank])
             if rank < kept_ranks:
-                reader = checkpoint.shard_reader(rank)
-                prefix = f"r{rank}.rng."
-                tensors.update({name: reader.read(name) for name in reader.names if name.startswith(prefix)})
+                tensors.update({rng_key(rank, name): state for name, state in checkpoint.read_rng(rank).items()})
             name = shard_file(rank, world_size, save_id)
             files[name] = write_tensor_file(target, name, tensors, exclusive=True)
         shared = checkpoint.shared_reader()
