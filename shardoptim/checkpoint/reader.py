@@ -63,6 +63,14 @@ class Checkpoint:
     def url(self) -> str:
         return self.storage.url
 
+    @property
+    def algorithm_class(self) -> type | None:
+        """shardoptim's optimizer class of the algorithm the optimizer was saved as, if it has one."""
+        import shardoptim  # here: shardoptim imports this package while it initialises
+
+        cls = getattr(shardoptim, str((self.manifest.optimizer or {}).get("algorithm")), None)
+        return cls if isinstance(cls, type) and issubclass(cls, shardoptim.Optimizer) else None
+
     def reader(self, name: str) -> TensorFileReader:
         """A reader of one of the checkpoint's files, checked against its record in the manifest."""
         reader = self._readers.get(name)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..core import HyperParams, Optimizer, plan_copies
+from ..core import Optimizer, plan_copies
 from ..core.shard_state import initial_fill
 from ..core.state_dicts import check_shard_state, index_of_params
 from ..ema import AveragedModel, ShardedEMA
@@ -126,11 +126,8 @@ def _stage_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, m
     for position, (bucket, target_bucket) in enumerate(zip(optimizer.buckets, target["buckets"])):
         indices = [slot.index for slot in bucket.layout.slots]
         target_bucket["steps"], target_bucket["scalars"] = _counts(checkpoint, indices)
-        h = HyperParams.of({**optimizer.param_groups[bucket.layout.group],
-                            **target["param_groups"][bucket.layout.group]})
-        group = optimizer.param_groups[bucket.layout.group]
-        elementwise = optimizer.rule is not None and not optimizer.owns_whole_tensors(group)
-        initial = optimizer.rule.state(h) if elementwise else {}  # (a matrix group's state is per parameter)
+        initial = optimizer.initial_bucket_state({**optimizer.param_groups[bucket.layout.group],
+                                                  **target["param_groups"][bucket.layout.group]})
         mine = [copy_ for copy_ in copies if copy_.target_bucket == position]
         target_bucket["state"] = {
             name: _stage(checkpoint, [c for c in mine if name in checkpoint.buckets[c.source_bucket].names], name,
@@ -275,7 +272,7 @@ def torch_format_state(checkpoint: Checkpoint) -> dict[str, Any]:
     """The checkpoint's optimizer as one torch-format state dict (what ``torch.optim`` loads)."""
     saved = checkpoint.manifest.optimizer
     state: dict[int, dict[str, Any]] = per_parameter_state(checkpoint)
-    step_in_state, state_at_start = _algorithm_traits(saved["algorithm"])
+    step_in_state, state_at_start = _algorithm_traits(checkpoint.algorithm_class)
     for position, bucket in enumerate(checkpoint.buckets):
         fulls = {name: _whole_bucket(checkpoint, position, name) for name in bucket.names}
         for slot_position, slot in enumerate(bucket.layout.slots):
@@ -302,11 +299,8 @@ def _whole_bucket(checkpoint: Checkpoint, position: int, name: str) -> Tensor:
     return whole
 
 
-def _algorithm_traits(name: str) -> tuple[bool, bool]:
+def _algorithm_traits(cls: type | None) -> tuple[bool, bool]:
     """Whether torch keeps ``step`` in this algorithm's state, and whether its state exists from the start."""
-    import shardoptim
-
-    cls = getattr(shardoptim, name, None)
     rule = getattr(cls, "rule", None)
     return (rule.step_in_state if rule is not None else True), bool(getattr(cls, "state_at_construction", False))
 

@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from ..core import BucketLayout, Optimizer, ParamSpec, plan_copies
-from ..core.rule import HyperParams
 from ..core.shard_state import initial_fill
 from .capture import TENSOR, storable
 from .consistency import check_consistency
@@ -51,7 +50,7 @@ def plan_layouts(checkpoint: Checkpoint, world_size: int) -> list[BucketLayout]:
         for slot in layout.slots:
             specs[layout.group].append(ParamSpec(slot.index, layout.group, slot.shape, layout.dtype, layout.device,
                                                  layout.trainable))
-    cls = _algorithm(saved.get("algorithm")) or Optimizer
+    cls = checkpoint.algorithm_class or Optimizer
     groups = saved.get("param_groups", [])
     planned: list[BucketLayout] = []
     for group in sorted(specs):
@@ -59,14 +58,6 @@ def plan_layouts(checkpoint: Checkpoint, world_size: int) -> list[BucketLayout]:
         planned += cls.plan_group_buckets(members, groups[group] if group < len(groups) else {},
                                           world_size=world_size, bucket_cap_numel=saved.get("bucket_cap_numel"))
     return planned
-
-
-def _algorithm(name: Any) -> Any:
-    """shardoptim's optimizer class of that name, if there is one."""
-    import shardoptim  # here: shardoptim imports this package while it initialises
-
-    cls = getattr(shardoptim, str(name), None)
-    return cls if isinstance(cls, type) and issubclass(cls, shardoptim.Optimizer) else None
 
 
 def reshard(
@@ -213,18 +204,14 @@ def _stored_dtype(checkpoint: Checkpoint, layout: BucketLayout, name: str) -> to
 def _initial_values(checkpoint: Checkpoint) -> Any:
     """Per group, the value each state tensor starts at (what ``load`` puts where nothing was saved)."""
     saved = checkpoint.manifest.optimizer or {}
-    import shardoptim  # here: shardoptim imports this package while it initialises
-
-    cls = getattr(shardoptim, str(saved.get("algorithm")), None)
-    rule = getattr(cls, "rule", None)
+    cls = checkpoint.algorithm_class or Optimizer
     groups = saved.get("param_groups", [])
     cache: dict[int, dict[str, float]] = {}
 
     def initial(group: int) -> dict[str, float]:
         if group not in cache:
             try:
-                elementwise = rule is not None and not cls.owns_whole_tensors(groups[group])
-                cache[group] = dict(rule.state(HyperParams.of(groups[group]))) if elementwise else {}
+                cache[group] = cls.initial_bucket_state(groups[group])
             except (AttributeError, TypeError, ValueError, IndexError) as error:
                 raise CheckpointError(f"{checkpoint.url}: param group {group}'s hyper-parameters do not give "
                                       f"{saved.get('algorithm')}'s initial state: {error}") from None

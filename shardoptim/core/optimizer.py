@@ -275,6 +275,14 @@ class Optimizer(torch.optim.Optimizer):
         Adafactor; the Muon groups of ``MuonAdamW``."""
         return cls.tensor_rule is not None and cls.rule is None
 
+    @classmethod
+    def initial_bucket_state(cls, group: Mapping[str, Any]) -> dict[str, float]:
+        """The value each of a param group's bucket state tensors starts at (none for a matrix
+        algorithm's group, whose state is per parameter)."""
+        if cls.rule is None or cls.owns_whole_tensors(group):
+            return {}
+        return dict(cls.rule.state(HyperParams.of(group)))
+
     def _whole(self, bucket: FlatBucket) -> bool:
         return self.owns_whole_tensors(self.param_groups[bucket.layout.group])
 
