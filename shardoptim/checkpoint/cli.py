@@ -18,7 +18,7 @@ import json
 import math
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 EXIT_OK, EXIT_FAULT, EXIT_USAGE = 0, 1, 2
@@ -62,6 +62,9 @@ def _tolerance(text: str) -> float:
     return value
 
 
+URL_HELP = "checkpoint directory (path or fsspec URL)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -76,46 +79,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = commands.add_parser("inspect", parents=[common], help="what a checkpoint holds (reads the manifest only)",
-                            description="Step, world size, save id, algorithm, param groups and hyper-parameters, "
-                                        "the parameter table, buckets, files, schedulers/EMA/RNG/extra.")
-    p.add_argument("url", help="checkpoint directory (path or fsspec URL)")
+    def command(name: str, run: Callable[[argparse.Namespace], int], **texts: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], **texts)
+        sub.set_defaults(run=run)
+        return sub
+
+    p = command("inspect", _inspect, help="what a checkpoint holds (reads the manifest only)",
+                description="Step, world size, save id, algorithm, param groups and hyper-parameters, "
+                            "the parameter table, buckets, files, schedulers/EMA/RNG/extra.")
+    p.add_argument("url", help=URL_HELP)
     p.add_argument("--all", action="store_true", help=f"show every row (tables stop at {_ROWS} rows by default)")
-    p.set_defaults(run=_inspect)
 
-    p = commands.add_parser("verify", parents=[common], help="completeness and every digest (reads every byte)",
-                            description="Checks that the manifest is there (the save committed) and consistent, that "
-                                        "every file it lists is there with the recorded size, and every file's "
-                                        "digest. Exit 1 naming the first bad file (and tensor).")
-    p.add_argument("url", help="checkpoint directory (path or fsspec URL)")
-    p.set_defaults(run=_verify)
+    p = command("verify", _verify, help="completeness and every digest (reads every byte)",
+                description="Checks that the manifest is there (the save committed) and consistent, that "
+                            "every file it lists is there with the recorded size, and every file's "
+                            "digest. Exit 1 naming the first bad file (and tensor).")
+    p.add_argument("url", help=URL_HELP)
 
-    p = commands.add_parser("consolidate", parents=[common], help="one torch.optim-format state dict + the model's",
-                            description="Writes OUT/optimizer.safetensors (flat keys state.{index}.{name}), "
-                                        "OUT/optimizer.json (param_groups, scalars, key map), OUT/model.safetensors "
-                                        "(every key of the saved model) and OUT/ema.safetensors when there is an EMA.")
-    p.add_argument("url", help="checkpoint directory (path or fsspec URL)")
+    p = command("consolidate", _consolidate, help="one torch.optim-format state dict + the model's",
+                description="Writes OUT/optimizer.safetensors (flat keys state.{index}.{name}), "
+                            "OUT/optimizer.json (param_groups, scalars, key map), OUT/model.safetensors "
+                            "(every key of the saved model) and OUT/ema.safetensors when there is an EMA.")
+    p.add_argument("url", help=URL_HELP)
     p.add_argument("out", help="output directory (path or fsspec URL)")
     p.add_argument("--pt", action="store_true",
                    help="also write OUT/optimizer.pt, which torch.load(weights_only=True) reads and "
                         "torch.optim.<Algorithm>.load_state_dict accepts")
     p.add_argument("--overwrite", action="store_true", help="replace files already in OUT")
-    p.set_defaults(run=_consolidate)
 
-    p = commands.add_parser("reshard", parents=[common], help="the checkpoint for another world size",
-                            description="Writes a new checkpoint for M ranks computed from the files alone, reading "
-                                        "only the ranges the new shards need; files first, the manifest last.")
-    p.add_argument("url", help="checkpoint directory (path or fsspec URL)")
+    p = command("reshard", _reshard, help="the checkpoint for another world size",
+                description="Writes a new checkpoint for M ranks computed from the files alone, reading "
+                            "only the ranges the new shards need; files first, the manifest last.")
+    p.add_argument("url", help=URL_HELP)
     p.add_argument("out", help="directory of the new checkpoint")
     p.add_argument("--world-size", "-n", type=_world_size, required=True, metavar="M", help="ranks of the new one")
-    p.set_defaults(run=_reshard)
 
-    p = commands.add_parser("convert", parents=[common], help="a torch.optim state dict or a DCP checkpoint -> ours",
-                            description="IN is a torch.save'd torch.optim state dict (read with weights_only=True) or "
-                                        "a torch.distributed.checkpoint directory of {'model': ..., 'optim': ...}. "
-                                        "The result loads with shardoptim.checkpoint.load into a shardoptim or "
-                                        "torch.optim optimizer of the algorithm. DCP keeps one rank's copy of a plain "
-                                        "tensor that ranks saved under the same key.")
+    p = command("convert", _convert, help="a torch.optim state dict or a DCP checkpoint -> ours",
+                description="IN is a torch.save'd torch.optim state dict (read with weights_only=True) or "
+                            "a torch.distributed.checkpoint directory of {'model': ..., 'optim': ...}. "
+                            "The result loads with shardoptim.checkpoint.load into a shardoptim or "
+                            "torch.optim optimizer of the algorithm. DCP keeps one rank's copy of a plain "
+                            "tensor that ranks saved under the same key.")
     p.add_argument("source", metavar="IN", help="a torch.save file or a DCP directory")
     p.add_argument("out", help="directory of the new checkpoint")
     p.add_argument("--algorithm", help="the optimizer class name (AdamW, SGD, ...): needed when the param groups do "
@@ -124,17 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model state dict (torch.save'd, or .safetensors): parameter names, shapes and dtypes, "
                         "saved as the checkpoint's model")
     p.add_argument("--step", type=int, help="the step to record (default: the optimizer's, when all agree)")
-    p.set_defaults(run=_convert)
 
-    p = commands.add_parser("diff", parents=[common], help="which values differ between two checkpoints",
-                            description="Compares consolidated values (so across world sizes): model keys, "
-                                        "optimizer state per parameter and state name, EMA, and the JSON parts. "
-                                        "Exit 0 when equal within the tolerances, 1 when not.")
+    p = command("diff", _diff, help="which values differ between two checkpoints",
+                description="Compares consolidated values (so across world sizes): model keys, "
+                            "optimizer state per parameter and state name, EMA, and the JSON parts. "
+                            "Exit 0 when equal within the tolerances, 1 when not.")
     p.add_argument("a", help="first checkpoint")
     p.add_argument("b", help="second checkpoint")
     p.add_argument("--rtol", type=_tolerance, default=0.0, help="relative tolerance (default 0: exact)")
     p.add_argument("--atol", type=_tolerance, default=0.0, help="absolute tolerance (default 0: exact)")
-    p.set_defaults(run=_diff)
     return parser
 
 
