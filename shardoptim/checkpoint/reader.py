@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core import BucketLayout, Copy, owned_pieces
+from ..core import BucketLayout, Copy
 from .capture import TENSOR
 from .errors import CheckpointError, CheckpointFormatError
 from .manifest import MANIFEST, Manifest, rng_key, shard_file, shared_file, state_key
@@ -54,6 +54,7 @@ class Checkpoint:
         self.storage = storage
         self.manifest = manifest
         self._readers: dict[str, TensorFileReader] = {}
+        self._slots: dict[int, tuple[int, Any]] | None = None  # parameter index -> (bucket, slot)
         raw_buckets = (manifest.optimizer or {}).get("buckets", [])
         if not isinstance(raw_buckets, list):
             raise CheckpointFormatError(f"{storage.url}: optimizer.buckets must be a list")
@@ -140,19 +141,30 @@ class Checkpoint:
     def read_parameter(self, index: int, *, name: str = "param") -> Tensor:
         """One of the optimizer's parameters, whole, from every rank's shard of its bucket; with
         ``name``, that parameter's part of another bucket tensor instead (a state name, ``"ema"``)."""
-        for position, bucket in enumerate(self.buckets):
-            slot = next((s for s in bucket.layout.slots if s.index == index), None)
-            if slot is None:
-                continue
-            whole = torch.empty(slot.numel, dtype=bucket.layout.dtype)
-            for rank in range(bucket.layout.world_size):
-                for piece in owned_pieces([bucket.layout], rank):
-                    if piece.index == index:
-                        whole[piece.param_start : piece.param_stop] = self.read_range(
-                            rank, position, name, piece.start, piece.start + piece.numel
-                        )
-            return whole.view(slot.shape)
-        raise CheckpointError(f"{self.url}: parameter {index} is in none of the optimizer's buckets")
+        if self._slots is None:
+            self._slots = {slot.index: (position, slot) for position, bucket in enumerate(self.buckets)
+                           for slot in bucket.layout.slots}
+        if index not in self._slots:
+            raise CheckpointError(f"{self.url}: parameter {index} is in none of the optimizer's buckets")
+        position, slot = self._slots[index]
+        layout = self.buckets[position].layout
+        whole = torch.empty(slot.numel, dtype=layout.dtype)
+        for rank in range(layout.world_size):  # the ranks' ranges tile the bucket; the slot is where it lies
+            start, stop = layout.shard_range(rank)
+            lo, hi = max(start, slot.offset), min(stop, slot.end)
+            if lo < hi:
+                whole[lo - slot.offset : hi - slot.offset] = self.read_range(rank, position, name, lo - start, hi - start)
+        return whole.view(slot.shape)
+
+    def read_bucket(self, bucket: int, name: str) -> Tensor:
+        """Bucket ``bucket``'s tensor ``name`` whole (every rank's range, padding included), in the dtype
+        it was saved in."""
+        layout = self.buckets[bucket].layout
+        whole = torch.empty(layout.numel, dtype=self.stored_dtype(bucket, name))
+        for rank in range(layout.world_size):
+            start, stop = layout.shard_range(rank)
+            whole[start:stop] = self.read_range(rank, bucket, name, 0, stop - start)
+        return whole
 
     def read_shared(self, key: str, *, complex_: bool = False) -> Tensor:
         reader = self.shared_reader()

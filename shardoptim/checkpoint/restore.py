@@ -274,7 +274,7 @@ def torch_format_state(checkpoint: Checkpoint) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = per_parameter_state(checkpoint)
     step_in_state, state_at_start = _algorithm_traits(checkpoint.algorithm_class)
     for position, bucket in enumerate(checkpoint.buckets):
-        fulls = {name: _whole_bucket(checkpoint, position, name) for name in bucket.names}
+        fulls = {name: checkpoint.read_bucket(position, name) for name in bucket.names}
         for slot_position, slot in enumerate(bucket.layout.slots):
             steps = bucket.steps[slot_position]
             if steps == 0 and not state_at_start:
@@ -288,15 +288,6 @@ def torch_format_state(checkpoint: Checkpoint) -> dict[str, Any]:
                 entry[name] = full[slot.offset : slot.end].clone().view(slot.shape)
             state[slot.index] = entry
     return {"state": dict(sorted(state.items())), "param_groups": copy.deepcopy(saved["param_groups"])}
-
-
-def _whole_bucket(checkpoint: Checkpoint, position: int, name: str) -> Tensor:
-    layout = checkpoint.buckets[position].layout
-    whole = torch.empty(layout.numel, dtype=checkpoint.stored_dtype(position, name))
-    for rank in range(layout.world_size):
-        start, stop = layout.shard_range(rank)
-        whole[start:stop] = checkpoint.read_range(rank, position, name, 0, stop - start)
-    return whole
 
 
 def _algorithm_traits(cls: type | None) -> tuple[bool, bool]:
