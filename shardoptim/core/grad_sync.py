@@ -203,13 +203,17 @@ class GradSync:
         flags = torch.zeros(sum(sizes), dtype=torch.int32)
         start = 0
         for size, positions in zip(sizes, local):
-            flags[[start + p for p in positions]] = 1
+            if len(positions) == size:  # the usual step: every parameter has its gradient
+                flags[start : start + size] = 1
+            else:
+                flags[[start + p for p in positions]] = 1
             start += size
         mask = flags.to(self._comm.small_device)
         self._comm.launch_reduce(mask, "max", label=f"step {self.steps_taken + 1}: the gradient presence mask").wait()
         merged, agreed, start = mask.tolist(), [], 0
         for size in sizes:
-            agreed.append([p for p in range(size) if merged[start + p]])
+            flagged = merged[start : start + size]
+            agreed.append(list(range(size)) if all(flagged) else [p for p, flag in enumerate(flagged) if flag])
             start += size
         return agreed
 
